@@ -1,0 +1,212 @@
+"""Configs for one run: model, data, training, constraints and seed; YAML in and out; the run hash.
+
+A :class:`RunConfig` is frozen. Its :func:`run_hash` (over the full config and :data:`CODE_VERSION`)
+names the run's cache folder, so two notebooks asking for the same run share it.
+
+    cfg = RunConfig.from_dict(yaml.safe_load(text))       # unknown keys and bad values -> ConfigError
+    cfg2 = cfg.replace(**{"constraints.head_usage": 0.1})  # a variant of it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from .model import ModelConfig
+from .schema import Config, ConfigError, at_least, one_of, positive
+
+# Bump when a change to the code changes what a run computes (training loop, losses, data): old cache
+# entries then stop matching instead of being silently reused.
+CODE_VERSION = "1"
+
+PROCEDURAL_TASKS = ("where_person", "where_object", "coreference", "counting", "majority", "deduction")
+
+
+@dataclass(frozen=True)
+class DataConfig(Config):
+    source: str = "procedural"  # "procedural": generated here with ground-truth supporting tokens; "babi": files in babi_dir
+    tasks: tuple[str, ...] = PROCEDURAL_TASKS  # procedural task names, or bAbI task ids like "qa1"; all are trained jointly
+    n_train: int = 2000  # training examples per task (bAbI: at most this many; 0 = the whole file)
+    n_val: int = 200  # validation examples per task (bAbI: held out from the end of the train file)
+    n_test: int = 500  # test examples per task (bAbI: at most this many; 0 = the whole file)
+    n_ood: int = 200  # per task, stories longer than any in training (procedural only)
+    n_people: int = 4  # people in the world (half boys, half girls)
+    n_places: int = 4
+    n_objects: int = 4
+    story_min: int = 2  # sentences per story before distractors, inclusive range
+    story_max: int = 6
+    n_distractors: int = 1  # extra sentences about entities the question does not involve
+    ood_story_min: int = 8  # story length range of the out-of-distribution split
+    ood_story_max: int = 12
+    seed: int = 0  # data seed, separate from the run seed: seeds then measure training variance only
+    babi_dir: str = ""  # directory of bAbI v1.2 files (e.g. ../shared/data/babi/en); source="babi" only
+    babi_max_sentences: int = 20  # keep the last N sentences of long bAbI stories (supporting facts always kept)
+
+    def problems(self) -> list[str]:
+        p = one_of("source", self.source, ("procedural", "babi"))
+        if not self.tasks:
+            p.append("tasks is empty: name at least one task")
+        if self.source == "procedural":
+            p += [f"tasks: {t!r} is not one of {list(PROCEDURAL_TASKS)}" for t in self.tasks if t not in PROCEDURAL_TASKS]
+            for name in ("n_train", "n_val", "n_test", "n_people", "n_places", "n_objects", "story_min"):
+                p += positive(name, getattr(self, name))
+            p += at_least("n_people", self.n_people, 2)
+            p += at_least("n_ood", self.n_ood, 0)
+            p += at_least("n_distractors", self.n_distractors, 0)
+            if self.story_max < self.story_min:
+                p.append(f"story_max={self.story_max} must be >= story_min={self.story_min}")
+            if self.ood_story_min <= self.story_max:
+                p.append(f"ood_story_min={self.ood_story_min} must be > story_max={self.story_max} (OOD stories are longer than training ones)")
+            if self.ood_story_max < self.ood_story_min:
+                p.append(f"ood_story_max={self.ood_story_max} must be >= ood_story_min={self.ood_story_min}")
+        elif self.source == "babi":
+            bad = [t for t in self.tasks if not (t.startswith("qa") and t[2:].isdigit() and 1 <= int(t[2:]) <= 20)]
+            p += [f"tasks: {t!r} is not a bAbI task id (allowed: qa1 .. qa20)" for t in bad]
+            if not self.babi_dir:
+                p.append("babi_dir is empty: give the directory of the bAbI files (e.g. ../shared/data/babi/en)")
+            for name in ("n_train", "n_test"):
+                p += at_least(name, getattr(self, name), 0)
+            p += positive("n_val", self.n_val)
+            p += positive("babi_max_sentences", self.babi_max_sentences)
+        return p
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    steps: int = 1500  # optimiser steps (the run may stop earlier on early stopping or divergence)
+    batch_size: int = 64
+    lr: float = 3e-3  # peak AdamW learning rate, reached after warm-up
+    weight_decay: float = 0.01
+    warmup_steps: int = 100  # linear warm-up from 0, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 250  # steps between validation evaluations (and checkpoints)
+    early_stopping: int = 0  # stop after this many evaluations without a better val accuracy; 0 = off
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
+    amp: str = "auto"  # mixed precision: "auto" (bf16 on CUDA, off on CPU), "off", "bf16"
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        for name in ("steps", "batch_size", "eval_every"):
+            p += positive(name, getattr(self, name))
+        p += positive("lr", self.lr)
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "early_stopping"):
+            p += at_least(name, getattr(self, name), 0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            p.append(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            p.append(f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
+        p += one_of("amp", self.amp, ("auto", "off", "bf16"))
+        return p
+
+
+ORTHOGONALITY_VARIANTS = ("outputs", "weights", "attention")
+MI_VARIANTS = ("infonce", "club")
+
+
+@dataclass(frozen=True)
+class ConstraintConfig(Config):
+    """Weights of the four head constraints (0 = off). Loss = CE + sum of weight x constraint."""
+
+    orthogonality: float = 0.0
+    orthogonality_variant: str = "outputs"  # "outputs", "weights" (Q/K/V subspaces) or "attention" (maps)
+    orthogonality_on: str = "qkv"  # for variant "weights": which projections, any of "q", "k", "v"
+    mutual_information: float = 0.0
+    mi_variant: str = "infonce"  # "infonce" (lower bound, minimised) or "club" (upper bound, Cheng et al. 2020)
+    mi_temperature: float = 0.1  # InfoNCE critic: cosine similarity / temperature
+    club_hidden: int = 32  # hidden width of CLUB's variational network q(y|x)
+    club_lr: float = 1e-3  # learning rate of that network, trained in alternation with the model
+    attention_entropy: float = 0.0
+    head_usage: float = 0.0
+    layers: tuple[int, ...] = ()  # layers the constraints act on; empty = all
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        for name in ("orthogonality", "mutual_information", "attention_entropy", "head_usage"):
+            p += at_least(name, getattr(self, name), 0.0)
+        p += one_of("orthogonality_variant", self.orthogonality_variant, ORTHOGONALITY_VARIANTS)
+        if not self.orthogonality_on or set(self.orthogonality_on) - set("qkv"):
+            p.append(f"orthogonality_on={self.orthogonality_on!r} must be a non-empty combination of 'q', 'k', 'v'")
+        p += one_of("mi_variant", self.mi_variant, MI_VARIANTS)
+        p += positive("mi_temperature", self.mi_temperature)
+        p += positive("club_hidden", self.club_hidden)
+        p += positive("club_lr", self.club_lr)
+        p += [f"layers: {layer} must be >= 0" for layer in self.layers if layer < 0]
+        return p
+
+    def active(self) -> dict[str, float]:
+        """The constraints with a non-zero weight, by name."""
+        names = ("orthogonality", "mutual_information", "attention_entropy", "head_usage")
+        return {n: getattr(self, n) for n in names if getattr(self, n) > 0}
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """One training run: everything that determines its numbers."""
+
+    _nested: ClassVar[dict[str, type[Config]]] = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+        "constraints": ConstraintConfig,
+    }
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    constraints: ConstraintConfig = field(default_factory=ConstraintConfig)
+    seed: int = 0  # initialisation, batch order, dropout
+
+    def problems(self) -> list[str]:
+        bad = [layer for layer in self.constraints.layers if layer >= self.model.n_layers]
+        return [f"constraints.layers: {layer} is not a layer (model.n_layers={self.model.n_layers})" for layer in bad]
+
+
+def run_hash(cfg: RunConfig) -> str:
+    """Stable 16-hex-digit id of a run: its full config plus CODE_VERSION."""
+    payload = json.dumps({"code_version": CODE_VERSION, "config": cfg.to_dict()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"d_ff": 128}}`` -> ``{"model.d_ff": 128}``; lists become tuples (hashable columns)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    with open(path) as f:
+        return RunConfig.from_dict(yaml.safe_load(f) or {})
+
+
+def dump_yaml(cfg: RunConfig, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+__all__ = [
+    "CODE_VERSION",
+    "ConfigError",
+    "ConstraintConfig",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "dump_yaml",
+    "flatten",
+    "load_yaml",
+    "run_hash",
+]
