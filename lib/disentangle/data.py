@@ -151,6 +151,7 @@ class Split:
     support_mask: torch.Tensor  # (N, T) bool
     sentence_ids: torch.Tensor  # (N, T) long, -1 outside the story
     question_mask: torch.Tensor  # (N, T) bool
+    segments: torch.Tensor  # (N, T) long: sentence id + 1 on story tokens, 0 on CLS, SEPs and the question
     stories: list[Story]
 
     def __len__(self) -> int:
@@ -172,7 +173,7 @@ class Split:
         return Split(**{n: getattr(self, n)[idx] for n in TENSOR_FIELDS}, stories=[self.stories[i] for i in idx_list])
 
 
-TENSOR_FIELDS = ("tokens", "padding_mask", "answers", "task_ids", "support_mask", "sentence_ids", "question_mask")
+TENSOR_FIELDS = ("tokens", "padding_mask", "answers", "task_ids", "support_mask", "sentence_ids", "question_mask", "segments")
 
 
 def stack(examples: Sequence[Example], tasks: Sequence[str], pad_id: int = 0) -> Split:
@@ -201,6 +202,8 @@ def stack(examples: Sequence[Example], tasks: Sequence[str], pad_id: int = 0) ->
         support_mask=support,
         sentence_ids=sent,
         question_mask=question,
+        # The model's sentence-local layers attend within equal segment ids (model.ModelConfig.local_layers).
+        segments=sent + 1,
         stories=[e.story for e in examples],
     )
 
@@ -231,3 +234,14 @@ class TaskData:
 
 def answer_vocab(stories: Iterable[Story]) -> Vocab:
     return Vocab((s.answer for s in stories), specials=())
+
+
+def build(cfg) -> TaskData:
+    """The data of a :class:`~disentangle.config.DataConfig`: generated tasks or bAbI files."""
+    if cfg.source == "procedural":
+        from .tasks import generate
+
+        return generate(cfg)
+    from .babi import load
+
+    return load(cfg)
