@@ -16,13 +16,18 @@ Only ``"attn"`` needs the explicit softmax path: per-head outputs and contributi
 fused path too. Reading something that was not captured raises :class:`NotCapturedError`; it is never
 a silent ``None``.
 
-``padding_mask`` is ``(B, T)`` bool, True on padding. No query attends to a padding key. Padding
-*queries* still produce (meaningless) rows; everything downstream masks them out.
+``padding_mask`` is ``(B, T)`` bool, True on padding. No query attends to a padding key (its attention
+probability is exactly 0). Padding *queries* still produce (meaningless) rows in every capture; the readout
+never reads them and everything downstream must mask them out. Inputs are checked up front (shapes, dtypes,
+token ids in range, a real token where the readout looks), so bad batches fail with a clear message.
+
+``model.ablate_heads([(layer, head), ...])`` zeroes heads inside a ``with`` block, without copying the model.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,12 +46,20 @@ class ModelConfig(Config):
     vocab_size: int | None = None  # input tokens; None = filled in from the data by train.run
     n_classes: int | None = None  # answer classes; None = filled in from the data by train.run
     d_model: int = 64  # residual stream width
-    n_heads: int = 4  # heads per layer: the units the constraints act on
-    n_layers: int = 2  # bAbI-style lookups need 2 hops (find the sentence, read its argument)
+    n_heads: int = 8  # heads per layer, the units the constraints act on; 8 narrow heads learned the lookups in fewer steps than 4 wide ones
+    n_layers: int = 2  # total, local layers included
+    # The first `local_layers` layers attend only within a sentence (tokens with equal `segments`; the question
+    # and specials form one segment). Like MemN2N's sentence encoding, this hands every token its sentence's
+    # content, so binding "who went where" is nearly free. Without it a small encoder plateaus for thousands
+    # of steps on a "bag of places in the story" shortcut (see notebooks/01_baseline); 0 = a plain encoder.
+    local_layers: int = 1
     d_ff: int = 128  # FFN hidden width, the first capacity axis the study scales
     dropout: float = 0.0  # small models on synthetic data rarely need it; attention is captured before it
     max_len: int = 128  # longest input the position table covers (CLS + story + SEP + question + SEP)
-    pos_encoding: str = "learned"  # "learned" or "sinusoidal" (the latter extrapolates to longer OOD stories)
+    # "rope" (rotary, Su et al. 2021): attention scores depend on relative offsets, so "the subject 3 tokens
+    # back" is one pattern at every position -- learned absolute positions must learn it position by position.
+    # "learned" and "sinusoidal" add absolute positions to the token embeddings.
+    pos_encoding: str = "rope"
     readout: str = "cls"  # "cls": classify from the CLS token; "mean": from the mean over real tokens
     bias: bool = True  # biases in attention and FFN projections
 
@@ -58,11 +71,16 @@ class ModelConfig(Config):
                 p += at_least(name, value, 1)
         for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_len"):
             p += positive(name, getattr(self, name))
+        if not 0 <= self.local_layers < max(self.n_layers, 1):
+            p.append(f"local_layers={self.local_layers} must be in [0, n_layers={self.n_layers}): "
+                     "the readout needs at least one layer that sees the whole input")
         if self.d_model > 0 and self.n_heads > 0 and self.d_model % self.n_heads:
             p.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout} must be in [0, 1)")
-        p += one_of("pos_encoding", self.pos_encoding, ("learned", "sinusoidal"))
+        p += one_of("pos_encoding", self.pos_encoding, ("rope", "learned", "sinusoidal"))
+        if self.pos_encoding == "rope" and self.d_model > 0 and self.n_heads > 0 and self.d_head % 2:
+            p.append(f"pos_encoding='rope' needs an even d_head, got d_model/n_heads={self.d_head}")
         p += one_of("readout", self.readout, ("cls", "mean"))
         return p
 
@@ -93,7 +111,7 @@ class EncoderOutput:
 
     @property
     def attn(self) -> list[torch.Tensor]:
-        """Per layer: attention probabilities (B, H, T, T), rows = queries, before dropout."""
+        """Per layer: attention probabilities (B, H, T, T), rows = queries, before dropout; float32 even under autocast."""
         return self._get("attn")
 
     @property
@@ -120,7 +138,12 @@ def _normalise_capture(capture: str | Iterable[str] | bool | None) -> frozenset[
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with per-head parameters ``[n_heads, d_model, d_head]``."""
+    """Multi-head self-attention with per-head parameters ``[n_heads, d_model, d_head]``.
+
+    For head ``h``: ``A_h = softmax(q_h k_h^T / sqrt(d_head) + mask)`` with ``q_h = x W_Q[h] + b_Q[h]``
+    (likewise k, v); ``z_h = A_h v_h`` is the head output and ``z_h W_O[h]`` its contribution to the
+    residual stream; the layer returns ``sum_h z_h W_O[h] + b_O``.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -130,31 +153,48 @@ class Attention(nn.Module):
         self.W_K = nn.Parameter(torch.empty(H, d, dh))
         self.W_V = nn.Parameter(torch.empty(H, d, dh))
         self.W_O = nn.Parameter(torch.empty(H, dh, d))
-        self.b_QKV = nn.Parameter(torch.zeros(3, H, dh)) if cfg.bias else None
+        # Flat (3 * H * d_head,) in (q|k|v, head, d_head) order, so it is the bias of the fused QKV matmul and,
+        # being 1-D like every other bias, is left out of weight init and weight decay. Per head: .view(3, H, dh).
+        self.b_QKV = nn.Parameter(torch.zeros(3 * H * dh)) if cfg.bias else None
         self.b_O = nn.Parameter(torch.zeros(d)) if cfg.bias else None
-        # Multiplies each head's output; only applied while heads are ablated, so it costs nothing otherwise.
-        self.register_buffer("head_mask", torch.ones(H), persistent=False)
-        self.ablating = False
+        # (H,) multiplier of each head's output while heads are ablated (see Encoder.ablate_heads), else None.
+        # A buffer so that it follows .to(device); replaced, never edited in place, so graphs built under an
+        # ablation stay valid after it ends.
+        self.register_buffer("head_mask", None, persistent=False)
+        if cfg.pos_encoding == "rope":
+            cos, sin = rope_tables(cfg.max_len, dh)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, d_head)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor, capture: frozenset[str]) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, blocked: torch.Tensor, capture: frozenset[str]) -> tuple[torch.Tensor, dict]:
+        """x: (B, T, d_model); blocked: bool, True where a query may not attend to a key, (B, 1, 1, T) for
+        padding only or (B, 1, T, T) for sentence-local layers. Returns (B, T, d_model) and the captures."""
         B, T, d = x.shape
         H, dh = self.n_heads, self.d_head
-        # One fused matmul for Q, K and V of all heads; the per-head layout is a free view of it.
-        W = torch.cat([self.W_Q, self.W_K, self.W_V], 0).permute(1, 0, 2).reshape(d, 3 * H * dh)
+        # One matmul for Q, K and V of all heads (columns in (q|k|v, head, d_head) order); the per-head
+        # layout is a view of its result. Concatenating the weights costs one 3 * d_model^2 copy per call.
+        W = torch.cat([self.W_Q, self.W_K, self.W_V]).permute(1, 0, 2).reshape(d, 3 * H * dh)
         flat = x.reshape(B * T, d)
-        qkv = flat @ W if self.b_QKV is None else torch.addmm(self.b_QKV.reshape(-1), flat, W)
+        qkv = flat @ W if self.b_QKV is None else torch.addmm(self.b_QKV, flat, W)
         q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, dh)
-        keep = ~key_padding[:, None, None, :]  # (B, 1, 1, T): True where the key is a real token
+        if self.rope_cos is not None:
+            q, k = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T]), apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
         store: dict[str, torch.Tensor] = {}
         p_drop = self.dropout if self.training else 0.0
         if "attn" in capture:
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # (B, H, T, T)
-            probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
-            store["attn"] = probs
-            z = F.dropout(probs, p_drop, self.training) @ v  # (B, H, T, dh)
+            # Explicit softmax, so the probabilities can be kept. The mask is additive: exp(-inf) is exactly
+            # 0 on padding keys, and unlike masked_fill it costs nothing in the backward pass. Scaling q
+            # (T x d_head per head) is cheaper than scaling the scores (T x T).
+            mask = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill(blocked, float("-inf"))
+            # softmax in float32 even under autocast (a no-op in float32), as the fused kernels do.
+            probs = ((q * dh**-0.5) @ k.transpose(-1, -2) + mask).softmax(-1, dtype=torch.float32)  # (B, H, T, T)
+            store["attn"] = probs  # before dropout: rows sum to 1 over the real keys
+            z = (F.dropout(probs, p_drop) if p_drop else probs).to(v.dtype) @ v  # (B, H, T, dh)
         else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p_drop)  # (B, H, T, dh)
-        if self.ablating:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, dropout_p=p_drop)  # (B, H, T, dh)
+        if self.head_mask is not None:
             z = z * self.head_mask.view(1, H, 1, 1).to(z.dtype)
         if "head_out" in capture:
             store["head_out"] = z
@@ -181,11 +221,26 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor, capture: frozenset[str]) -> tuple[torch.Tensor, dict]:
-        a, store = self.attn(self.ln1(x), key_padding, capture)
+    def forward(self, x: torch.Tensor, blocked: torch.Tensor, capture: frozenset[str]) -> tuple[torch.Tensor, dict]:
+        a, store = self.attn(self.ln1(x), blocked, capture)
         x = x + self.drop(a)  # (B, T, d)
         x = x + self.drop(self.ff_out(F.gelu(self.ff_in(self.ln2(x)))))
         return x, store
+
+
+def rope_tables(max_len: int, d_head: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (max_len, d_head) for rotary embeddings; frequency ``base^(-2i/d_head)`` for pair i."""
+    inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)  # (d_head/2,)
+    angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq  # (max_len, d_head/2)
+    angles = torch.cat([angles, angles], -1)  # (max_len, d_head): halves rotate together
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, d_head) queries or keys by position: pair (x_i, x_{i+d/2}) turns by angle pos * f_i,
+    so ``q_s . k_t`` depends on positions only through ``s - t``."""
+    x1, x2 = x.chunk(2, -1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
@@ -208,7 +263,9 @@ class Encoder(nn.Module):
             raise ValueError(f"ModelConfig.{' and '.join(missing)} must be set to build a model (train.run fills them from the data)")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.pos_encoding == "learned":
+        if cfg.pos_encoding == "rope":
+            self.pos_emb = None  # positions enter inside attention
+        elif cfg.pos_encoding == "learned":
             self.pos_emb = nn.Parameter(torch.zeros(cfg.max_len, cfg.d_model))
         else:
             self.register_buffer("pos_emb", sinusoidal_table(cfg.max_len, cfg.d_model), persistent=False)
@@ -224,7 +281,9 @@ class Encoder(nn.Module):
         std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if p.dim() < 2:
-                continue  # biases start at 0, LayerNorm gains at 1
+                if not isinstance(self.get_submodule(name.rpartition(".")[0]), nn.LayerNorm):
+                    nn.init.zeros_(p)  # biases start at 0 (nn.Linear's default is uniform); LayerNorm keeps 1, 0
+                continue
             is_resid_out = name.endswith("attn.W_O") or name.endswith("ff_out.weight")
             nn.init.normal_(p, 0.0, resid_std if is_resid_out else std)
 
@@ -233,26 +292,74 @@ class Encoder(nn.Module):
         tokens: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         capture: str | Iterable[str] | bool | None = None,
+        segments: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """tokens: (B, T) long; padding_mask: (B, T) bool, True on padding (None = no padding)."""
-        B, T = tokens.shape
-        if T > self.cfg.max_len:
-            raise ValueError(f"input length {T} exceeds max_len={self.cfg.max_len}; raise model.max_len")
+        """tokens: (B, T) int64/int32 ids; padding_mask: (B, T) bool, True on padding (None = no padding).
+
+        ``capture``: None (fastest), one of ``"attn"``, ``"head_out"``, ``"head_contrib"``, an iterable of
+        them, or True / ``"all"``. Only ``"attn"`` leaves the fused attention path.
+        ``segments``: (B, T) int ids; sentence-local layers attend only between tokens with equal ids
+        (data.Split.segments). Required when ``local_layers > 0``.
+        """
         names = _normalise_capture(capture)
-        if padding_mask is None:
-            padding_mask = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb[:T])  # (B, T, d)
+        padding_mask = self._check_inputs(tokens, padding_mask)
+        pad_blocked = padding_mask[:, None, None, :]  # (B, 1, 1, T)
+        local_blocked = None
+        if self.cfg.local_layers:
+            if not isinstance(segments, torch.Tensor) or segments.shape != tokens.shape:
+                got = tuple(segments.shape) if isinstance(segments, torch.Tensor) else type(segments).__name__
+                raise ValueError(f"local_layers={self.cfg.local_layers} needs segments shaped like tokens "
+                                 f"{tuple(tokens.shape)} (e.g. batch['segments']), got {got}")
+            other_sentence = segments[:, :, None] != segments[:, None, :]  # (B, T, T)
+            local_blocked = (other_sentence | padding_mask[:, None, :])[:, None]  # (B, 1, T, T)
+        T = tokens.shape[1]
+        x = self.tok_emb(tokens)  # (B, T, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[:T]
+        x = self.drop(x)
         layers = []
-        for block in self.blocks:
-            x, store = block(x, padding_mask, names)
+        for i, block in enumerate(self.blocks):
+            x, store = block(x, local_blocked if i < self.cfg.local_layers else pad_blocked, names)
             layers.append(store)
         x = self.ln_f(x)  # (B, T, d)
         if self.cfg.readout == "cls":
             pooled = x[:, 0]  # (B, d)
         else:
             real = (~padding_mask).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-            pooled = (x * real).sum(1) / real.sum(1).clamp_min(1.0)
+            pooled = (x * real).sum(1) / real.sum(1)  # every row has a real token (checked)
         return EncoderOutput(logits=self.head(pooled), captured=names, layers=layers)
+
+    def _check_inputs(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """Clear errors for bad batches (instead of an index error deep in torch); returns the padding mask."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            what = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (batch, length) int64 (or int32) tensor of token ids, got {what}")
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("tokens has length 0: every input needs at least the CLS token")
+        if T > self.cfg.max_len:
+            raise ValueError(f"input length {T} exceeds max_len={self.cfg.max_len}; raise model.max_len")
+        if padding_mask is None:
+            padding_mask = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
+        elif not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool or padding_mask.shape != tokens.shape:
+            what = f"{tuple(padding_mask.shape)} {padding_mask.dtype}" if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
+            raise ValueError(f"padding_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)} (True on padding), got {what}")
+        if B == 0:
+            return padding_mask
+        V = self.cfg.vocab_size
+        # The readout needs a real token to read: position 0 (the CLS token) or at least one per row.
+        no_readout = padding_mask[:, 0] if self.cfg.readout == "cls" else padding_mask.all(1)
+        # One combined test, so a GPU syncs once per batch; the details are worked out only on failure.
+        if bool((tokens.min() < 0) | (tokens.max() >= V) | no_readout.any()):
+            problems = []
+            if tokens.min() < 0 or tokens.max() >= V:
+                problems.append(f"token ids must be in [0, vocab_size={V}), got min {tokens.min().item()}, max {tokens.max().item()}")
+            if no_readout.any():
+                rows = no_readout.nonzero().flatten().tolist()
+                where = "position 0 (the CLS token the readout reads)" if self.cfg.readout == "cls" else "every position"
+                problems.append(f"padding_mask is True at {where} in rows {rows[:10]}{' ...' if len(rows) > 10 else ''}")
+            raise ValueError("; ".join(problems))
+        return padding_mask
 
     def per_head_weights(self, which: str) -> list[torch.Tensor]:
         """Per layer, the ``which`` in {"q", "k", "v"} projection blocks: (H, d_model, d_head)."""
@@ -263,21 +370,38 @@ class Encoder(nn.Module):
 
     @contextmanager
     def ablate_heads(self, heads: Iterable[tuple[int, int]]) -> Iterator[Encoder]:
-        """Zero the outputs of the given ``(layer, head)`` pairs inside the ``with`` block (no copy)."""
-        heads = list(heads)
-        for layer, head in heads:
-            if not (0 <= layer < self.cfg.n_layers and 0 <= head < self.cfg.n_heads):
-                raise ValueError(f"head ({layer}, {head}) does not exist: layers 0..{self.cfg.n_layers - 1}, heads 0..{self.cfg.n_heads - 1}")
-        for layer, head in heads:
-            attn = self.blocks[layer].attn
-            attn.head_mask[head] = 0.0
-            attn.ablating = True
+        """Zero the outputs ``z_h`` of the given ``(layer, head)`` pairs inside the ``with`` block (no copy).
+
+        An ablated head contributes nothing to the residual stream (its ``head_out`` and ``head_contrib``
+        read 0; its ``attn`` is still captured); ``b_O`` is kept. Blocks nest, and leaving one (also through an exception) restores exactly
+        the ablation that was in force when it was entered. Gradients still flow to the other heads.
+        """
+        L, H = self.cfg.n_layers, self.cfg.n_heads
+        pairs = []
+        for item in heads:
+            try:  # operator.index accepts numpy / 0-d tensor ints too, e.g. from a DataFrame column
+                if any(isinstance(i, bool) for i in item):
+                    raise TypeError
+                layer, head = (operator.index(i) for i in item)
+            except (TypeError, ValueError):
+                raise ValueError(f"heads must be (layer, head) pairs of ints, got {item!r}") from None
+            if not (0 <= layer < L and 0 <= head < H):
+                raise ValueError(f"head ({layer}, {head}) does not exist: layers 0..{L - 1}, heads 0..{H - 1}")
+            pairs.append((layer, head))
+        saved = [block.attn.head_mask for block in self.blocks]
+        masks: dict[int, torch.Tensor] = {}
+        for layer, head in pairs:
+            if layer not in masks:
+                prev, W_O = saved[layer], self.blocks[layer].attn.W_O
+                masks[layer] = prev.clone() if prev is not None else torch.ones(H, device=W_O.device, dtype=W_O.dtype)
+            masks[layer][head] = 0.0
+        for layer, mask in masks.items():
+            self.blocks[layer].attn.head_mask = mask  # a new tensor: graphs that used the old one stay valid
         try:
             yield self
         finally:
-            for block in self.blocks:
-                block.attn.head_mask.fill_(1.0)
-                block.attn.ablating = False
+            for block, prev in zip(self.blocks, saved):
+                block.attn.head_mask = prev
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
