@@ -1,0 +1,841 @@
+"""The four head constraints and their variants, each a plain function of the model's captured internals.
+
+The model knows nothing about them (x-transformers style): a constraint reads per-layer tensors from
+:class:`~disentangle.model.EncoderOutput` (and the padding mask) and returns a :class:`ConstraintResult`
+(a scalar loss, per-token values where the loss is token-level, a few diagnostics). The training loss is
+
+    L = CE + Σ_c w_c · L_c          (weights w_c from the run's ConstraintConfig; 0 = off)
+
+and :class:`Constraints` is the object the training loop holds::
+
+    constraints = Constraints(cfg.constraints, model_cfg, device=device)
+    out = model(tokens, padding_mask, capture=constraints.captures)   # only what the active losses read
+    penalty, terms = constraints.loss(out, padding_mask, model)       # terms: raw values, for logging
+    (F.cross_entropy(out.logits, answers) + penalty).backward(); opt.step()
+    constraints.auxiliary_step(out, padding_mask)                     # CLUB's q, in alternation
+
+| constraint | function | reads |
+|---|---|---|
+| orthogonality, variant ``outputs`` | :func:`orthogonality_outputs` | ``head_out`` |
+| orthogonality, variant ``weights`` | :func:`orthogonality_weights` | ``model.per_head_weights`` |
+| orthogonality, variant ``attention`` | :func:`orthogonality_attention` | ``attn`` |
+| mutual information, ``infonce`` | :func:`infonce_mi` | ``head_out`` |
+| mutual information, ``club`` | :class:`CLUB` (held by :class:`Constraints`) | ``head_out`` |
+| attention-entropy sparsity | :func:`attention_entropy` | ``attn`` |
+| head-usage sparsity | :func:`head_usage_entropy` | ``head_contrib`` |
+
+Conventions. ``padding_mask`` is (B, T) bool, True on padding. Whatever finite values sit at padded
+positions (padded query rows, padded key columns, padded tokens) change neither a loss nor a gradient:
+they are masked out of every sum, and the gradient there is exactly 0. All arithmetic runs in (at
+least) float32 with autocast off (half-precision inputs are upcast; float64 stays, for gradient
+checks): entropies and log-sum-exps in bf16 are too coarse for a penalty whose useful range is a few
+hundredths. Everything is vectorised over samples, heads and head pairs (pairs i<j come from
+``torch.triu_indices``); the only Python loop is over the (few) layers, which avoids stacking copies
+of the largest tensors. The attention tensor (B, H, T, T) dominates the cost, so the two constraints
+on it have hand-written backward passes (:class:`_RowEntropy`, :class:`_PairCosineSum`) that touch it
+about half as often as autograd would; ``benchmarks/bench_constraints.py`` measures the result.
+
+:data:`FORMULAS` holds each formula as short Markdown in Unicode math (no LaTeX) for the notebooks;
+:func:`measure` evaluates every constraint on any model (constrained or not); :func:`estimate_head_mi`
+gives post-hoc InfoNCE and CLUB estimates with freshly trained critics.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ConstraintConfig
+from .model import Encoder, EncoderOutput, ModelConfig
+
+# Smallest positive float32: clamping probabilities to it before the log keeps p·log p (and its
+# gradient log p + 1) finite at p = 0, where attention to padding keys is exactly 0.
+_TINY = torch.finfo(torch.float32).tiny
+# Keeps divisions by norms and standard deviations finite for all-zero inputs (then the result is 0).
+_EPS = 1e-12
+
+FORMULAS: dict[str, str] = {
+    "orthogonality_outputs": (
+        "**Head-output orthogonality** — L = mean over layers ℓ, real tokens t and head pairs i<j of "
+        "cos²(zᵢ(t), zⱼ(t)), with cos(a, b) = a·b / (‖a‖ ‖b‖) and zᵢ(t) ∈ ℝ^d_head head i's output at "
+        "token t before W_O. 0 when the heads write orthogonal vectors, 1 when they write the same direction."
+    ),
+    "orthogonality_weights": (
+        "**Projection-subspace orthogonality** — for each projection P ∈ {Q, K, V} and layer, with "
+        "Wᵢ ∈ ℝ^(d_model × d_head) head i's block: Gᵢⱼ² = ⟨WᵢWᵢᵀ, WⱼWⱼᵀ⟩_F / (‖WᵢWᵢᵀ‖_F ‖WⱼWⱼᵀ‖_F) "
+        "= ‖Ŵᵢᵀ Ŵⱼ‖_F², Ŵᵢ = Wᵢ / ‖WᵢWᵢᵀ‖_F^½. L = mean over projections, layers and pairs i<j of Gᵢⱼ². "
+        "0 iff the heads read orthogonal subspaces of the residual stream, 1 iff the same subspace with "
+        "the same shape; unchanged by Wᵢ → Wᵢ R for any rotation R."
+    ),
+    "orthogonality_attention": (
+        "**Attention-map orthogonality** — L = mean over layers, real queries q and head pairs i<j of "
+        "cos(Aᵢ[q, ·], Aⱼ[q, ·]) = Σₖ Aᵢ[q,k] Aⱼ[q,k] / (‖Aᵢ[q, ·]‖ ‖Aⱼ[q, ·]‖), k over real keys. "
+        "0 when the heads attend to disjoint positions, 1 when to the same ones in the same proportions."
+    ),
+    "infonce": (
+        "**InfoNCE mutual information** (minimised) — per layer and head pair i<j, pooled head outputs "
+        "xₙ = mean over real tokens of zᵢ, yₙ = same for zⱼ (n = 1…N samples of the batch); critic "
+        "s(a, b) = cos(a, b) / τ; I_NCE = log N + (1/N) Σₙ [ s(xₙ, yₙ) − log Σₘ exp s(xₙ, yₘ) ]. "
+        "L = mean over layers and pairs of max(I_NCE, 0). A lower bound on I(x; y), never above log N."
+    ),
+    "club": (
+        "**CLUB mutual information** (minimised, Cheng et al. 2020) — with a variational Gaussian "
+        "q(y | x) = N(μ(x), diag σ²(x)) per head pair, trained by maximum likelihood in alternation: "
+        "I_CLUB = (1/N) Σₙ log q(yₙ | xₙ) − (1/N²) Σₙ Σₘ log q(yₘ | xₙ), x and y standardised per feature. "
+        "L = mean over layers and pairs of max(I_CLUB, 0). "
+        "An upper bound on I(x; y) when q is close to p(y | x)."
+    ),
+    "attention_entropy": (
+        "**Attention-entropy sparsity** — L = mean over layers, heads and real queries q of "
+        "H(A[q, ·]) / log n, with H(p) = −Σₖ pₖ log pₖ over real keys and n the number of real tokens "
+        "of the sample (0 when n = 1). 1 = uniform attention, 0 = one-hot."
+    ),
+    "head_usage": (
+        "**Head-usage sparsity** — per layer, usage uₕ = Σ over samples and real tokens of ‖cₕ(t)‖₂, "
+        "cₕ(t) = head h's contribution to the residual stream; pₕ = uₕ / Σₖ uₖ; "
+        "L = mean over layers of −Σₕ pₕ log pₕ / log H. 1 = every head used equally, 0 = one head does all the work."
+    ),
+}
+
+
+@dataclass
+class ConstraintResult:
+    """What every constraint returns."""
+
+    loss: Tensor  # 0-dim float32, differentiable
+    per_token: Tensor | None  # (B, T) for token-level losses (0 on padding); None for batch-level ones
+    diagnostics: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _full_precision(fn: Callable) -> Callable:
+    """Run ``fn`` with autocast off (see module docstring) on the device of its first argument, a
+    tensor or a list of tensors."""
+
+    @functools.wraps(fn)
+    def wrapper(first: Tensor | list[Tensor], *args, **kwargs):
+        # (An empty list falls through to the function, which raises a clear error about it.)
+        device = first.device if isinstance(first, Tensor) else first[0].device if first else torch.device("cpu")
+        with torch.autocast(device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 stay (float64 lets tests gradcheck the losses)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _check_layers(tensors: Sequence[Tensor], what: str) -> None:
+    if len(tensors) == 0:
+        raise ValueError(f"{what}: got no layers (an empty list)")
+
+
+def _pairs(n_heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Indices (i, j) of the head pairs i<j, each (P,), P = H(H-1)/2."""
+    i, j = torch.triu_indices(n_heads, n_heads, offset=1, device=device)
+    return i, j
+
+
+def _pair_mean(values: Tensor, dim: int = -1) -> Tensor:
+    """Mean over a pair axis; 0 (not NaN) when there are no pairs (a single head)."""
+    return values.sum(dim) / max(values.shape[dim], 1)
+
+
+def _token_mean(per_token: Tensor, padding_mask: Tensor) -> Tensor:
+    """Mean of a (B, T) tensor over the real tokens of the batch."""
+    real = (~padding_mask).float()
+    return (per_token * real).sum() / real.sum().clamp_min(1.0)
+
+
+def _max(values: Tensor) -> Tensor:
+    return values.max() if values.numel() else values.new_zeros(())
+
+
+def _token_level(per_layer: list[Tensor], padding_mask: Tensor, **extra: Tensor) -> ConstraintResult:
+    """Assemble a token-level result from per-layer (B, T) values: per_token = their mean (0 on
+    padding), loss = its mean over real tokens; diagnostics ``layer_<k>`` (the k-th given layer's mean)
+    plus ``extra``."""
+    per_token = torch.stack(per_layer).mean(0).masked_fill(padding_mask, 0.0)
+    layer_means = {f"layer_{k}": _token_mean(v, padding_mask) for k, v in enumerate(per_layer)}
+    return ConstraintResult(_token_mean(per_token, padding_mask), per_token, _floats(**layer_means, **extra))
+
+
+def _floats(**values: Tensor) -> dict[str, float]:
+    """Tensors -> Python floats with a single device sync."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()))
+
+
+def _plogp(p: Tensor) -> Tensor:
+    """p · log p with 0 · log 0 = 0 and a finite gradient at p = 0."""
+    return p * p.clamp_min(_TINY).log()
+
+
+class _RowEntropy(torch.autograd.Function):
+    """ent[..., q] = −Σ_k A[..., q, k] · log A[..., q, k] over the keys not in ``pad_keys``.
+
+    A: (B, H, T, T) non-negative; pad_keys: (B, 1, 1, T) bool. Backward: ∂ent/∂A = −(log A + 1), 0 on
+    padded keys. Written by hand because autograd would save and traverse clamp, log, mask and product
+    separately over the largest tensor of the step; this needs log A only. log is taken of A clamped to
+    the smallest float, so p = 0 (every padded key) gives 0 · log 0 = 0 and a finite gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, pad_keys: Tensor) -> Tensor:
+        log_a = A.clamp_min(_TINY).log_().masked_fill_(pad_keys, 0.0)
+        ctx.save_for_backward(log_a, pad_keys)
+        return -torch.linalg.vecdot(A, log_a)  # finite values on padded keys meet log_a = 0
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        log_a, pad_keys = ctx.saved_tensors
+        return (log_a + 1.0).mul_(-grad.unsqueeze(-1)).masked_fill_(pad_keys, 0.0), None
+
+
+class _PairCosineSum(torch.autograd.Function):
+    """c[b, q] = Σ_{i<j} cos(A[b, i, q, :], A[b, j, q, :]) over the keys not in ``pad_keys``.
+
+    A: (B, H, T, T); pad_keys: (B, 1, 1, T) bool. With â_h the unit rows and s = Σ_h â_h,
+    Σ_{i<j} â_i·â_j = (‖s‖² − Σ_h ‖â_h‖²) / 2, and ‖â_h‖² is 1 (0 for an all-zero row): O(H) work per
+    query instead of O(H²) pairs. Backward: ∂c/∂a_h = (s − (s·â_h) â_h) / ‖a_h‖ (the −â_h of
+    ∂c/∂â_h is orthogonal to the sphere and drops out), 0 on padded keys and all-zero rows.
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, pad_keys: Tensor) -> Tensor:
+        unit = A.masked_fill(pad_keys, 0.0)
+        norm = torch.linalg.vector_norm(unit, dim=-1)  # (B, H, T)
+        inv = torch.where(norm > 0, 1.0 / norm.clamp_min(_TINY), 0.0)
+        unit.mul_(inv.unsqueeze(-1))
+        s = unit.sum(1)  # (B, T, T)
+        ctx.save_for_backward(unit, s, inv)
+        return (torch.linalg.vecdot(s, s) - (norm > 0).sum(1)) / 2
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        unit, s, inv = ctx.saved_tensors
+        s = s.unsqueeze(1)
+        along = torch.linalg.vecdot(s, unit).unsqueeze(-1)  # s·â_h, (B, H, T, 1)
+        scale = (grad.unsqueeze(1) * inv).unsqueeze(-1)  # upstream / ‖a_h‖
+        # Padded keys need no mask here: s and â_h are both 0 there.
+        return torch.addcmul(s, along, unit, value=-1.0).mul_(scale), None
+
+
+# ----------------------------------------------------------------------------------------- orthogonality
+
+
+@_full_precision
+def orthogonality_outputs(head_out: list[Tensor], padding_mask: Tensor) -> ConstraintResult:
+    """Mean squared cosine similarity between different heads' outputs at the same real token.
+
+    head_out: per layer (B, H, T, d_head), the heads' outputs before W_O; padding_mask: (B, T).
+
+        L = mean_{ℓ, real t, i<j} cos²(z_ℓi(t), z_ℓj(t)),   cos(a, b) = a·b / (‖a‖ ‖b‖)
+
+    Normalisation: cos² ∈ [0, 1], so L = 0 when the heads' outputs are orthogonal at every token and
+    1 when they are identical (or opposite: a head that writes −z carries the same information).
+    Squared, so that the penalty does not reward anti-aligned heads. Each token weighs the same (mean
+    over all real tokens of the batch, then layers and pairs); a zero output has cosine 0 with everything.
+    Note the heads' d_head coordinates are compared as they are, with no alignment between heads: this
+    is redundancy *in the concatenated space W_O reads*, not MI (see :func:`infonce_mi` for that).
+
+    per_token: (B, T), mean over layers and pairs; diagnostics: ``layer_<k>`` (mean on the k-th given
+    layer), ``max_pair`` (largest per-pair mean).
+    """
+    _check_layers(head_out, "head_out")
+    B, H, T, dh = head_out[0].shape
+    i, j = _pairs(H, padding_mask.device)
+    # Pairs are gathered by multiplying with one-hot (P, H) selectors rather than by indexing: the
+    # gradient of an index is a scatter-add, the slowest op of this loss in profiles; that of a matmul
+    # is a matmul.
+    sel_i, sel_j = F.one_hot(i, H), F.one_hot(j, H)
+    per_layer, pair_means = [], []
+    real = (~padding_mask).float()
+    for z in head_out:
+        z = _upcast(z)  # (B, H, T, dh)
+        si, sj = sel_i.to(z.dtype), sel_j.to(z.dtype)
+        flat = z.reshape(B, H, T * dh)
+        # cos² from raw dot products and squared norms: no normalised copy of z is needed.
+        dots = torch.linalg.vecdot((si @ flat).view(B, -1, T, dh), (sj @ flat).view(B, -1, T, dh))  # (B, P, T)
+        sq = torch.linalg.vecdot(z, z)  # (B, H, T)
+        cos2 = dots.square() / ((si @ sq) * (sj @ sq)).clamp_min(_TINY)  # 0 for a zero vector
+        per_layer.append(torch.where(padding_mask, 0.0, _pair_mean(cos2, dim=1)))
+        pair_means.append(torch.einsum("bpt,bt->p", cos2.detach(), real.to(cos2.dtype)) / real.sum().clamp_min(1.0))
+    return _token_level(per_layer, padding_mask, max_pair=_max(torch.cat(pair_means)))
+
+
+@_full_precision
+def orthogonality_weights(weights: list[Tensor]) -> ConstraintResult:
+    """Mean squared off-diagonal entry of the Gram matrix of the heads' normalised projection subspaces.
+
+    weights: a list of (H, d_model, d_head) blocks, e.g. ``model.per_head_weights("q")`` (one per layer;
+    pass the blocks of several projections together to average over them). For heads i, j of one block:
+
+        Ŵ_i  = W_i / ‖W_i W_iᵀ‖_F^½
+        G_ij = ‖Ŵ_iᵀ Ŵ_j‖_F,      G_ij² = ⟨W_iW_iᵀ, W_jW_jᵀ⟩_F / (‖W_iW_iᵀ‖_F ‖W_jW_jᵀ‖_F) ∈ [0, 1]
+        L    = mean over blocks and pairs i<j of G_ij²        (G is symmetric, so = mean over i≠j)
+
+    (using ‖W_iᵀW_j‖_F² = tr(W_jᵀW_iW_iᵀW_j) = ⟨W_iW_iᵀ, W_jW_jᵀ⟩_F; G_ii = 1.) W_iW_iᵀ is the (d_model,
+    d_model) quadratic form through which head i reads the residual stream, so G_ij = 0 iff the heads read
+    orthogonal subspaces and G_ij = 1 iff the same subspace with the same shape (W_iW_iᵀ ∝ W_jW_jᵀ).
+    It is invariant to W_i → W_i R for any rotation R of the head's d_head coordinates (which leaves
+    the attention scores, for Q with K rotated alike, and the head's function, for V with W_O rotated
+    alike, unchanged) and to scaling each head.
+
+    Why not the Gram matrix of the flattened blocks vec(W_i)? Two random blocks are almost orthogonal
+    as d_model·d_head-vectors (cos² ≈ 1/(d_model·d_head)), so that penalty is near 0 from the start, and
+    it is blind to rotations inside a shared subspace: W_i and W_i R read exactly the same subspace yet
+    vec(W_i)·vec(W_i R) = tr(W_iᵀW_i R) can be 0. Here i.i.d. Gaussian blocks give G_ij² ≈
+    d_head / (d_model + d_head) (≈ 0.2 at the default sizes), and 0 is reachable whenever
+    H·d_head ≤ d_model.
+
+    Batch-level (per_token None); diagnostics: ``max_pair``.
+    """
+    _check_layers(weights, "weights")
+    W = torch.stack([_upcast(w) for w in weights])  # (n, H, d, dh): small, stacking is free
+    S = torch.einsum("nhdk,ngdl->nhgkl", W, W).square().sum((-1, -2))  # ‖W_iᵀW_j‖_F², (n, H, H)
+    norm = S.diagonal(dim1=-2, dim2=-1).clamp_min(_EPS).sqrt()  # ‖W_iW_iᵀ‖_F, (n, H)
+    i, j = _pairs(W.shape[1], W.device)
+    g2 = S[:, i, j] / (norm[:, i] * norm[:, j])  # (n, P)
+    return ConstraintResult(_pair_mean(g2).mean(), None, _floats(max_pair=_max(g2)))
+
+
+@_full_precision
+def orthogonality_attention(attn: list[Tensor], padding_mask: Tensor) -> ConstraintResult:
+    """Overlap of different heads' attention distributions for the same real query (Li et al. 2018).
+
+    attn: per layer (B, H, T, T) attention probabilities (rows = queries); padding_mask: (B, T).
+
+        L = mean_{ℓ, real q, i<j} cos(A_i[q,:], A_j[q,:]),
+        cos(a, b) = Σ_k a_k b_k / (‖a‖ ‖b‖),  k over the sample's real keys
+
+    Normalisation: attention is non-negative, so cos ∈ [0, 1]: 0 when the heads look at disjoint
+    positions, 1 when at the same positions in the same proportions, however sharp or diffuse.
+
+    Why not the paper's raw overlap Σ_k A_i[q,k] A_j[q,k]? It is bounded by ‖A_i[q,:]‖ ‖A_j[q,:]‖, and
+    ‖a‖² = Σ_k a_k² is smallest (1/n) for the uniform distribution: two *identical* uniform heads score
+    1/n while two identical one-hot heads score 1. Minimising the raw overlap therefore rewards diffuse
+    attention as much as disagreement, i.e. it confounds disagreement with (and fights) the
+    attention-entropy constraint. The cosine divides that sharpness out, leaving position disagreement only.
+
+    per_token: (B, T), mean over layers and pairs; diagnostics: ``layer_<k>``.
+    """
+    _check_layers(attn, "attn")
+    n_pairs = attn[0].shape[1] * (attn[0].shape[1] - 1) // 2
+    pad_keys = padding_mask[:, None, None, :]
+    per_layer = [
+        torch.where(padding_mask, 0.0, _PairCosineSum.apply(_upcast(A), pad_keys) / max(n_pairs, 1))
+        for A in attn
+    ]
+    return _token_level(per_layer, padding_mask)
+
+
+# ------------------------------------------------------------------------------------ mutual information
+
+
+def pooled_heads(head_out: Tensor, padding_mask: Tensor) -> Tensor:
+    """(B, H, T, d_head) -> (B, H, d_head): each head's output averaged over the sample's real tokens."""
+    z = _upcast(head_out).masked_fill(padding_mask[:, None, :, None], 0.0)
+    n_real = (~padding_mask).sum(1).clamp_min(1).float()  # (B,)
+    return z.sum(2) / n_real[:, None, None]
+
+
+def _head_pairs(head_out: list[Tensor], padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Pooled representations of every head pair i<j of every layer: x, y each (L·P, B, d_head)."""
+    pooled = torch.stack([pooled_heads(z, padding_mask) for z in head_out])  # (L, B, H, dh)
+    i, j = _pairs(pooled.shape[2], pooled.device)
+    x = pooled[:, :, i].transpose(1, 2).flatten(0, 1)  # (L·P, B, dh)
+    y = pooled[:, :, j].transpose(1, 2).flatten(0, 1)
+    return x, y
+
+
+def infonce_bound(x: Tensor, y: Tensor, critic: nn.Module | None = None, temperature: float = 0.1) -> Tensor:
+    """InfoNCE lower bound on I(x; y) from N paired samples (van den Oord et al. 2018; Poole et al. 2019).
+
+    x: (..., N, d_x), y: (..., N, d_y), rows paired (x_n, y_n) ~ p(x, y); leading axes are independent
+    problems. Returns (...,):
+
+        I_NCE = log N + (1/N) Σ_n [ s(x_n, y_n) − log Σ_m exp s(x_n, y_m) ]
+
+    critic: a module with ``critic(x, y) -> (..., N, N)`` scores s(x_n, y_m) for all pairs (e.g.
+    :class:`SeparableCritic`); default the fixed cosine critic s(a, b) = cos(a, b) / temperature.
+    For any critic, E[I_NCE] ≤ I(x; y), and I_NCE ≤ log N always (each term is the log of a softmax
+    probability, ≤ 0); it is close to I(x; y) only with a good critic and I(x; y) ≪ log N.
+    """
+    if critic is None:
+        s = F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2) / temperature
+    else:
+        s = critic(x, y)
+    n = s.shape[-1]
+    return math.log(n) + (s.diagonal(dim1=-2, dim2=-1) - s.logsumexp(-1)).mean(-1)
+
+
+@_full_precision
+def infonce_mi(head_out: list[Tensor], padding_mask: Tensor, temperature: float) -> ConstraintResult:
+    """InfoNCE estimate of the mutual information between heads of a layer, to be minimised.
+
+    head_out: per layer (B, H, T, d_head); padding_mask: (B, T). For each layer and head pair i<j,
+    x_n = pooled head i, y_n = pooled head j of sample n (mean over its real tokens, :func:`pooled_heads`),
+    N = B, critic s(a, b) = cos(a, b) / τ:
+
+        I_NCE = log N + (1/N) Σ_n [ s(x_n, y_n) − logsumexp_m s(x_n, y_m) ]
+        L     = mean over layers and pairs of max(I_NCE, 0)
+
+    Normalisation: nats, L ∈ [0, log N] (log B: 4.16 for B = 64). The clamp at 0: with a fixed critic,
+    I_NCE < 0 only says that paired samples look *less* alike than unpaired ones, which is dependence
+    too (y_n = −x_n gives I_NCE ≈ −1/τ for well-separated samples); since I(x; y) ≥ 0, max(I_NCE, 0)
+    is still a lower bound, and without the clamp minimising I_NCE would drive heads towards exactly that anti-aligned,
+    fully dependent solution. A pair whose estimate is ≤ 0 gets no gradient.
+
+    Caveat: a lower bound with a *fixed* critic. Minimising it makes head j's pooled output no more
+    cosine-similar to head i's of the same sample than to other samples' — it need not lower the true
+    MI (a rotation of one head's outputs defeats the critic). :class:`CLUB` is the upper-bound variant.
+
+    Batch-level (per_token None); diagnostics: ``raw_mean`` (mean I_NCE before the clamp), ``max_pair``,
+    ``log_n`` (the ceiling).
+    """
+    x, y = _head_pairs(head_out, padding_mask)
+    est = infonce_bound(x, y, temperature=temperature)  # (L·P,)
+    diagnostics = _floats(raw_mean=_pair_mean(est), max_pair=_max(est), log_n=torch.tensor(math.log(x.shape[1])))
+    return ConstraintResult(_pair_mean(est.clamp_min(0.0)), None, diagnostics)
+
+
+class _BatchedMLP(nn.Module):
+    """n independent one-hidden-layer ReLU MLPs run as batched matmuls: (n, N, d_in) -> (n, N, d_out)."""
+
+    def __init__(self, n: int, d_in: int, hidden: int, d_out: int, generator: torch.Generator | None = None):
+        super().__init__()
+
+        def uniform(*shape: int, fan_in: int) -> nn.Parameter:  # nn.Linear's default initialisation
+            bound = 1.0 / math.sqrt(fan_in)
+            return nn.Parameter(torch.empty(shape).uniform_(-bound, bound, generator=generator))
+
+        self.w1, self.b1 = uniform(n, d_in, hidden, fan_in=d_in), uniform(n, 1, hidden, fan_in=d_in)
+        self.w2, self.b2 = uniform(n, hidden, d_out, fan_in=hidden), uniform(n, 1, d_out, fan_in=hidden)
+
+    def forward(self, x: Tensor, frozen: bool = False) -> Tensor:
+        # frozen: use detached weights, so that a loss through this net sends no gradient to it.
+        w1, b1, w2, b2 = (p.detach() if frozen else p for p in (self.w1, self.b1, self.w2, self.b2))
+        return torch.baddbmm(b2, torch.baddbmm(b1, x, w1).relu(), w2)
+
+
+class SeparableCritic(nn.Module):
+    """n learnable critics s(x, y) = g(x)ᵀ h(y), g and h small MLPs (Poole et al. 2019's separable critic).
+
+    Scores all N² pairs with two MLP passes over N samples, so training it costs O(N) network evaluations,
+    not O(N²). ``forward(x (n, N, d_x), y (n, N, d_y)) -> (n, N, N)``, for :func:`infonce_bound`.
+    """
+
+    def __init__(
+        self, n: int, d_x: int, d_y: int, hidden: int = 64, embed: int = 32, generator: torch.Generator | None = None
+    ):
+        super().__init__()
+        self.g = _BatchedMLP(n, d_x, hidden, embed, generator)
+        self.h = _BatchedMLP(n, d_y, hidden, embed, generator)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.g(x) @ self.h(y).transpose(-1, -2)
+
+
+class CLUB(nn.Module):
+    """Contrastive Log-ratio Upper Bound on I(x; y) (Cheng et al. 2020), for n independent pairs at once.
+
+    A variational conditional q(y | x) = N(μ(x), diag σ²(x)) per pair: one hidden-layer ReLU MLP
+    d_x → hidden → 2·d_y giving μ and log σ² (soft-bounded to (−5, 5) so that a stale q cannot produce
+    huge gradients). With N paired samples (x_n, y_n):
+
+        I_CLUB = (1/N) Σ_n log q(y_n | x_n) − (1/N²) Σ_n Σ_m log q(y_m | x_n)
+               = ½ (1/N) Σ_n Σ_d [ Var(y)_d + (ȳ_d − μ_nd)² − (y_nd − μ_nd)² ] / σ²_nd
+
+    (the second line is exact: mean_m (y_m − μ)² = Var(y) + (ȳ − μ)², with the biased batch variance,
+    and the log σ² and log 2π terms cancel), so all N² pairs cost O(N·d). It is an upper bound on
+    I(x; y) when q ≈ p(y | x); for a Gaussian p(y | x) itself it equals d·ρ²/(1−ρ²) on correlated
+    unit Gaussians (true MI −(d/2)·log(1−ρ²)), i.e. it is loose for strong dependence.
+
+    Usage: q is trained by maximum likelihood (:meth:`log_likelihood`) on *detached* representations;
+    the model minimises ``forward(x, y, frozen=True)``, which sends no gradient to q.
+    """
+
+    def __init__(self, n: int, d_x: int, d_y: int, hidden: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.net = _BatchedMLP(n, d_x, hidden, 2 * d_y, generator)
+
+    def q(self, x: Tensor, frozen: bool = False) -> tuple[Tensor, Tensor]:
+        """μ(x), log σ²(x): each (n, N, d_y)."""
+        mu, raw = self.net(x, frozen).chunk(2, dim=-1)
+        return mu, 5.0 * torch.tanh(raw / 5.0)
+
+    def log_likelihood(self, x: Tensor, y: Tensor) -> Tensor:
+        """(1/N) Σ_n log q(y_n | x_n), per pair: (n,). Maximised to fit q."""
+        mu, logvar = self.q(x)
+        ll = -0.5 * ((y - mu).square() * torch.exp(-logvar) + logvar + math.log(2 * math.pi))
+        return ll.sum(-1).mean(-1)
+
+    def forward(self, x: Tensor, y: Tensor, frozen: bool = False) -> Tensor:
+        """I_CLUB per pair: (n,). x: (n, N, d_x), y: (n, N, d_y)."""
+        mu, logvar = self.q(x, frozen)
+        y_mean = y.mean(-2, keepdim=True)
+        y_var = y.var(-2, unbiased=False, keepdim=True)
+        gap = (y_var + (y_mean - mu).square() - (y - mu).square()) * torch.exp(-logvar)
+        return 0.5 * gap.sum(-1).mean(-1)
+
+
+def _standardise(x: Tensor) -> Tensor:
+    """Zero mean, unit variance per feature over the sample axis (-2). MI is invariant to it, and it
+    stops the model from lowering CLUB by shrinking its outputs below the scale q was fitted on."""
+    return (x - x.mean(-2, keepdim=True)) / (x.var(-2, unbiased=False, keepdim=True) + _EPS).sqrt()
+
+
+def estimate_mi(
+    x: Tensor,
+    y: Tensor,
+    method: str = "infonce",
+    steps: int = 300,
+    seed: int = 0,
+    batch_size: int = 256,
+    hidden: int = 64,
+    lr: float = 3e-3,
+    holdout: float = 0.5,
+) -> Tensor:
+    """MI estimates for n independent problems with a freshly trained critic (InfoNCE) or q (CLUB).
+
+    x: (n, N, d_x), y: (n, N, d_y), N paired samples each. Both are standardised per feature; a random
+    ``holdout`` fraction of the samples is kept out of training and the estimate is computed on it
+    (so the critic cannot overfit its way above the truth). Training: ``steps`` Adam steps at ``lr``
+    on random minibatches of ``batch_size``, seeded by ``seed`` (deterministic on a given machine).
+
+    - ``"infonce"``: :class:`SeparableCritic`, estimate = mean of :func:`infonce_bound` over held-out
+      batches of min(batch_size, held-out size) samples; a lower bound, capped at log(batch size).
+    - ``"club"``: :class:`CLUB` fitted by maximum likelihood; estimate = I_CLUB on all held-out samples.
+
+    Returns (n,) in nats, on x's device. Trains with gradients enabled even when called under
+    ``torch.no_grad()`` or ``torch.inference_mode()``.
+    """
+    if method not in ("infonce", "club"):
+        raise ValueError(f"method={method!r} is not one of ['infonce', 'club']")
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        x, y = x.detach().float().clone(), y.detach().float().clone()
+        return _estimate_mi(x, y, method, steps, seed, batch_size, hidden, lr, holdout)
+
+
+def _estimate_mi(
+    x: Tensor, y: Tensor, method: str, steps: int, seed: int, batch_size: int, hidden: int, lr: float, holdout: float
+) -> Tensor:
+    """:func:`estimate_mi` proper, on fresh float32 copies, with autograd on."""
+    n, N = x.shape[:2]
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _standardise(x), _standardise(y)
+    order = torch.randperm(N, generator=gen)
+    n_eval = max(2, int(round(N * holdout)))
+    if N - n_eval < 2:
+        raise ValueError(f"need more samples: N={N} leaves {N - n_eval} for training with holdout={holdout}")
+    eval_idx, train_idx = order[:n_eval].to(x.device), order[n_eval:]
+    if method == "infonce":
+        net: nn.Module = SeparableCritic(n, x.shape[-1], y.shape[-1], hidden, generator=gen).to(x.device)
+    else:
+        net = CLUB(n, x.shape[-1], y.shape[-1], hidden, generator=gen).to(x.device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    b = min(batch_size, len(train_idx))
+    for _ in range(steps):
+        idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:b]].to(x.device)
+        xb, yb = x[:, idx], y[:, idx]
+        objective = infonce_bound(xb, yb, critic=net) if method == "infonce" else net.log_likelihood(xb, yb)
+        opt.zero_grad(set_to_none=True)
+        (-objective.sum()).backward()  # a sum, so each problem's gradient ignores the others
+        opt.step()
+    with torch.no_grad():
+        xe, ye = x[:, eval_idx], y[:, eval_idx]
+        if method == "club":
+            return net(xe, ye)
+        be = min(batch_size, n_eval)
+        chunks = torch.arange(n_eval // be * be, device=x.device).view(-1, be)  # (n_batches, be)
+        return torch.stack([infonce_bound(xe[:, c], ye[:, c], critic=net) for c in chunks]).mean(0)
+
+
+def estimate_pooled_head_mi(
+    pooled: list[Tensor], method: str = "infonce", steps: int = 300, seed: int = 0, **kwargs
+) -> list[Tensor]:
+    """Per layer (H, H) matrix of MI estimates between heads, from pooled representations.
+
+    pooled: per layer (N, H, d_head), e.g. :func:`pooled_heads` of many batches concatenated along N.
+    Entry (i, j) = (j, i) = :func:`estimate_mi` of (head i, head j) for i<j (CLUB conditions head j on
+    head i); the diagonal is NaN (a head's MI with itself is its entropy, not an estimate of anything
+    here). All pairs of all layers are fitted together, one independent critic each. kwargs go to
+    :func:`estimate_mi`.
+    """
+    P = torch.stack([p.detach().float() for p in pooled])  # (L, N, H, dh)
+    L, _, H, _ = P.shape
+    i, j = _pairs(H, P.device)
+    x = P[:, :, i].transpose(1, 2).flatten(0, 1)  # (L·P, N, dh)
+    y = P[:, :, j].transpose(1, 2).flatten(0, 1)
+    est = estimate_mi(x, y, method, steps, seed, **kwargs).view(L, -1).cpu() if len(i) else torch.empty(L, 0)
+    out = torch.full((L, H, H), float("nan"))
+    out[:, i.cpu(), j.cpu()] = est
+    out[:, j.cpu(), i.cpu()] = est
+    return list(out)
+
+
+def estimate_head_mi(
+    head_out: list[Tensor], padding_mask: Tensor, method: str = "infonce", steps: int = 300, seed: int = 0, **kwargs
+) -> list[Tensor]:
+    """Per layer (H, H) MI estimates between heads' pooled outputs in one batch: head_out per layer
+    (B, H, T, d_head), padding_mask (B, T). See :func:`estimate_pooled_head_mi` (use it directly to pool
+    over many batches: more samples, tighter estimates)."""
+    return estimate_pooled_head_mi([pooled_heads(z, padding_mask) for z in head_out], method, steps, seed, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- sparsity
+
+
+@_full_precision
+def attention_entropy(attn: list[Tensor], padding_mask: Tensor) -> ConstraintResult:
+    """Normalised entropy of each head's attention distribution, averaged over real queries.
+
+    attn: per layer (B, H, T, T) attention probabilities (rows = queries); padding_mask: (B, T).
+    For sample b with n_b real tokens:
+
+        H_ℓh(q) = −Σ_k A_ℓh[q,k] log A_ℓh[q,k]     (k over real keys)
+        L       = mean over layers ℓ, heads h, real queries q of H_ℓh(q) / log n_b
+
+    Normalisation: 1 = uniform over the real keys, 0 = one-hot; defined as 0 when n_b = 1 (nothing to
+    choose from). Dividing by log n_b makes short and long stories comparable. Reaches the attention
+    logits only (W_Q, W_K and what feeds them), never W_V, W_O or the readout of that layer.
+
+    per_token: (B, T), mean over layers and heads; diagnostics: ``layer_<k>``, ``min_head``, ``max_head``
+    (per-head means).
+    """
+    _check_layers(attn, "attn")
+    n_real = (~padding_mask).sum(1)  # (B,)
+    inv_log_n = torch.where(n_real > 1, 1.0 / n_real.float().clamp_min(2.0).log(), 0.0)  # 1 / log n_b, or 0
+    pad_keys = padding_mask[:, None, None, :]
+    real = (~padding_mask).float()
+    per_layer, head_means = [], []
+    for A in attn:
+        ent = _RowEntropy.apply(_upcast(A), pad_keys) * inv_log_n[:, None, None]  # (B, H, T), normalised
+        per_layer.append(torch.where(padding_mask, 0.0, ent.mean(1)))
+        head_means.append(torch.einsum("bht,bt->h", ent.detach(), real.to(ent.dtype)) / real.sum().clamp_min(1.0))
+    head_means = torch.cat(head_means)
+    return _token_level(per_layer, padding_mask, min_head=head_means.min(), max_head=head_means.max())
+
+
+@_full_precision
+def head_usage_entropy(head_contrib: list[Tensor], padding_mask: Tensor) -> ConstraintResult:
+    """Normalised entropy of how the work of a layer is shared among its heads.
+
+    head_contrib: per layer (B, H, T, d_model), each head's contribution to the residual stream;
+    padding_mask: (B, T). Per layer:
+
+        u_h = Σ_{b, real t} ‖c_bh(t)‖₂            (head h's usage over the whole batch)
+        p_h = u_h / Σ_g u_g
+        L   = mean over layers of  −Σ_h p_h log p_h / log H
+
+    Normalisation: 1 = every head carries an equal share, 0 = a single head does all the work
+    (0 by definition when H = 1). Batch-level: usage is pooled over the batch, so minimising it
+    concentrates the work on few heads overall, not per token. Does not reach the readout.
+
+    per_token None; diagnostics: ``max_share`` (largest p_h over layers and heads), ``effective_heads``
+    (exp of the unnormalised entropy, mean over layers: between 1 and H).
+    """
+    _check_layers(head_contrib, "head_contrib")
+    # Mask the (B, H, T) norms rather than the (B, H, T, d) input: one pass less over the big tensor.
+    usage = torch.stack([
+        torch.where(padding_mask[:, None, :], 0.0, torch.linalg.vector_norm(_upcast(c), dim=-1)).sum((0, 2))
+        for c in head_contrib
+    ])  # (L, H)
+    p = usage / usage.sum(-1, keepdim=True).clamp_min(_EPS)
+    ent = -_plogp(p).sum(-1)  # (L,) in nats
+    H = p.shape[-1]
+    loss = (ent / math.log(H)).mean() if H > 1 else ent.new_zeros(())
+    return ConstraintResult(loss, None, _floats(max_share=p.max(), effective_heads=ent.exp().mean()))
+
+
+# ------------------------------------------------------------------------------------- training object
+
+
+CONSTRAINT_NAMES = ("orthogonality", "mutual_information", "attention_entropy", "head_usage")
+
+
+class Constraints:
+    """What the training loop uses. Built from the run's config.
+
+    Holds the weights, the layers the constraints act on (``ConstraintConfig.layers``, empty = all),
+    what the model must capture, and the state of stateful estimators (CLUB's q and its Adam), which
+    belongs here and not in the model; the other constraints have no state.
+
+    CLUB (``mi_variant="club"``): one q per head pair of each selected layer, on the pooled head
+    outputs standardised over the batch; the model minimises the mean over pairs of max(I_CLUB, 0)
+    with q frozen, and :meth:`auxiliary_step` then takes one maximum-likelihood Adam step of q
+    (lr ``club_lr``) on the same, detached, representations. q is initialised from the global torch
+    RNG, so the run's seed fixes it.
+    """
+
+    def __init__(self, cfg: ConstraintConfig, model_cfg: ModelConfig, device: torch.device | str | None = None):
+        bad = [layer for layer in cfg.layers if not 0 <= layer < model_cfg.n_layers]
+        if bad:
+            raise ValueError(f"constraints.layers: {bad} are not layers (model.n_layers={model_cfg.n_layers})")
+        self.cfg = cfg
+        self.weights = cfg.active()
+        # Default: the global layers. A sentence-local layer sees one sentence at a time, so its heads cannot
+        # take part in cross-sentence reasoning; constraining them is opt-in (list them in cfg.layers).
+        self.layers = tuple(cfg.layers) or tuple(range(model_cfg.local_layers, model_cfg.n_layers))
+        needs: set[str] = set()
+        if "orthogonality" in self.weights:
+            needs |= {"outputs": {"head_out"}, "weights": set(), "attention": {"attn"}}[cfg.orthogonality_variant]
+        if "mutual_information" in self.weights:
+            needs.add("head_out")
+        if "attention_entropy" in self.weights:
+            needs.add("attn")
+        if "head_usage" in self.weights:
+            needs.add("head_contrib")
+        self.captures: frozenset[str] = frozenset(needs)
+        self.club: CLUB | None = None
+        self.club_optimizer: torch.optim.Optimizer | None = None
+        if "mutual_information" in self.weights and cfg.mi_variant == "club":
+            n_pairs = len(self.layers) * model_cfg.n_heads * (model_cfg.n_heads - 1) // 2
+            d = model_cfg.d_head
+            self.club = CLUB(n_pairs, d, d, cfg.club_hidden).to(device)
+            self.club_optimizer = torch.optim.Adam(self.club.parameters(), lr=cfg.club_lr)
+
+    def _select(self, per_layer: list[Tensor]) -> list[Tensor]:
+        return [per_layer[layer] for layer in self.layers]
+
+    def _club_inputs(self, out: EncoderOutput, padding_mask: Tensor, detach: bool = False) -> tuple[Tensor, Tensor]:
+        """Standardised pooled outputs of every head pair of the selected layers: x, y (L·P, B, d_head)."""
+        head_out = [z.detach() if detach else z for z in self._select(out.head_out)]
+        x, y = _head_pairs(head_out, padding_mask)
+        return _standardise(x), _standardise(y)
+
+    def _one(self, name: str, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> Tensor:
+        cfg = self.cfg
+        if name == "orthogonality":
+            if cfg.orthogonality_variant == "outputs":
+                return orthogonality_outputs(self._select(out.head_out), padding_mask).loss
+            if cfg.orthogonality_variant == "attention":
+                return orthogonality_attention(self._select(out.attn), padding_mask).loss
+            blocks = [w for which in cfg.orthogonality_on for w in self._select(model.per_head_weights(which))]
+            return orthogonality_weights(blocks).loss
+        if name == "mutual_information":
+            if self.club is None:
+                return infonce_mi(self._select(out.head_out), padding_mask, cfg.mi_temperature).loss
+            with torch.autocast(padding_mask.device.type, enabled=False):
+                est = self.club(*self._club_inputs(out, padding_mask), frozen=True)  # (L·P,)
+            return _pair_mean(est.clamp_min(0.0))  # clamped like InfoNCE: below 0 only exploits a stale q
+        if name == "attention_entropy":
+            return attention_entropy(self._select(out.attn), padding_mask).loss
+        return head_usage_entropy(self._select(out.head_contrib), padding_mask).loss
+
+    def loss(self, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> tuple[Tensor, dict[str, float]]:
+        """Σ weight × constraint over the active constraints: a 0-dim float32 tensor, exactly 0.0 when
+        none is active (so CE + it == CE bit for bit), and each active constraint's raw (unweighted)
+        value keyed "orthogonality", "mutual_information", "attention_entropy", "head_usage"."""
+        total = torch.zeros((), device=out.logits.device)
+        raw: dict[str, Tensor] = {}
+        for name in CONSTRAINT_NAMES:
+            if name in self.weights:
+                raw[name] = self._one(name, out, padding_mask, model)
+                total = total + self.weights[name] * raw[name]
+        return total, _floats(**raw)
+
+    def auxiliary_step(self, out: EncoderOutput, padding_mask: Tensor) -> dict[str, float]:
+        """One maximum-likelihood Adam step of CLUB's q on the detached representations of ``out``
+        (alternating with the model's step); a no-op returning {} otherwise. Returns ``club_nll``
+        (−mean log q(y|x) per pair, before the step)."""
+        if self.club is None:
+            return {}
+        with torch.enable_grad(), torch.autocast(padding_mask.device.type, enabled=False):
+            x, y = self._club_inputs(out, padding_mask, detach=True)
+            nll = -self.club.log_likelihood(x, y).mean()
+            self.club_optimizer.zero_grad(set_to_none=True)
+            nll.backward()
+            self.club_optimizer.step()
+        return {"club_nll": nll.item()}
+
+    def state_dict(self) -> dict:
+        """CLUB's q and its optimiser ({} without CLUB), for exact checkpoint/resume."""
+        if self.club is None:
+            return {}
+        return {"club": self.club.state_dict(), "club_optimizer": self.club_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.club is None:
+            if state:
+                raise ValueError(f"state has {sorted(state)} but this run's constraints have no state (no CLUB)")
+            return
+        self.club.load_state_dict(state["club"])
+        self.club_optimizer.load_state_dict(state["club_optimizer"])
+
+
+# ----------------------------------------------------------------------------------------------- measure
+
+
+MEASURE_CAPTURES = ("attn", "head_out", "head_contrib")
+
+
+@torch.no_grad()
+def measure(
+    out: EncoderOutput,
+    padding_mask: Tensor,
+    model: Encoder,
+    temperature: float = 0.1,
+    layers: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Every constraint's measure under no_grad, whatever the weights (all orthogonality variants,
+    InfoNCE, attention entropy, head usage), on ``out`` captured with :data:`MEASURE_CAPTURES`.
+
+    Used to ask "does the loss do what it says" on the test set, for constrained and unconstrained
+    models alike. Keys are those of :data:`FORMULAS` (``orthogonality_weights`` averages Q, K and V;
+    ``orthogonality_weights_q`` etc. give each), plus ``<key>/<diagnostic>``. CLUB needs a trained q:
+    see :func:`estimate_head_mi`. ``layers``: the layers measured (default: the global layers, those the
+    constraints act on by default).
+    """
+    if layers is None:
+        layers = range(model.cfg.local_layers, model.cfg.n_layers)
+    sel = lambda per_layer: [per_layer[i] for i in layers]  # noqa: E731
+    weights = {p: sel(model.per_head_weights(p)) for p in "qkv"}
+    results = {
+        "orthogonality_outputs": orthogonality_outputs(sel(out.head_out), padding_mask),
+        "orthogonality_weights": orthogonality_weights([w for ws in weights.values() for w in ws]),
+        **{f"orthogonality_weights_{p}": orthogonality_weights(ws) for p, ws in weights.items()},
+        "orthogonality_attention": orthogonality_attention(sel(out.attn), padding_mask),
+        "infonce": infonce_mi(sel(out.head_out), padding_mask, temperature),
+        "attention_entropy": attention_entropy(sel(out.attn), padding_mask),
+        "head_usage": head_usage_entropy(sel(out.head_contrib), padding_mask),
+    }
+    values = _floats(**{name: r.loss for name, r in results.items()})
+    for name, r in results.items():
+        values.update({f"{name}/{k}": v for k, v in r.diagnostics.items()})
+    return values
+
+
+__all__ = [
+    "CLUB",
+    "FORMULAS",
+    "MEASURE_CAPTURES",
+    "ConstraintResult",
+    "Constraints",
+    "SeparableCritic",
+    "attention_entropy",
+    "estimate_head_mi",
+    "estimate_mi",
+    "estimate_pooled_head_mi",
+    "head_usage_entropy",
+    "infonce_bound",
+    "infonce_mi",
+    "measure",
+    "orthogonality_attention",
+    "orthogonality_outputs",
+    "orthogonality_weights",
+    "pooled_heads",
+]

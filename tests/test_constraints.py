@@ -1,0 +1,516 @@
+"""The head constraints: known values, padding and batch-order invariance, where gradients go,
+the MI estimators against correlated Gaussians of known MI, and the training object's contract."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from disentangle.config import ConstraintConfig
+from disentangle.constraints import (
+    CLUB,
+    FORMULAS,
+    MEASURE_CAPTURES,
+    Constraints,
+    attention_entropy,
+    estimate_head_mi,
+    estimate_mi,
+    head_usage_entropy,
+    infonce_bound,
+    infonce_mi,
+    measure,
+    orthogonality_attention,
+    orthogonality_outputs,
+    orthogonality_weights,
+    pooled_heads,
+)
+from disentangle.model import Encoder, ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and immune to a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+B, H, T, DH, D = 6, 4, 9, 4, 16
+LENGTHS = torch.tensor([9, 7, 5, 9, 1, 3])  # real tokens per sample; one sample has a single token
+
+
+def padding(lengths: torch.Tensor = LENGTHS, t: int = T) -> torch.Tensor:
+    return torch.arange(t)[None, :] >= lengths[:, None]  # (B, T), True on padding
+
+
+def attention_from_scores(scores: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Valid attention (B, H, T, T) like the model's: no real query attends to a padding key."""
+    return scores.masked_fill(pad[:, None, None, :], float("-inf")).softmax(-1)
+
+
+def random_inputs() -> dict:
+    """Per-layer internals of a 2-layer model, padded as LENGTHS, away from every loss's floor."""
+    g = torch.Generator().manual_seed(0)
+    pad = padding()
+    shared = 2 * torch.randn(B, 1, 1, DH, generator=g)  # a per-sample component all heads share: MI > 0
+    head_scale = torch.tensor([0.5, 1.0, 2.0, 4.0])[None, :, None, None]  # unequal head usage
+    return {
+        "pad": pad,
+        "head_out": [torch.randn(B, H, T, DH, generator=g) + shared for _ in range(2)],
+        "head_contrib": [torch.randn(B, H, T, D, generator=g) * head_scale for _ in range(2)],
+        "attn": [attention_from_scores(2 * torch.randn(B, H, T, T, generator=g), pad) for _ in range(2)],
+    }
+
+
+# Every function under a common signature: inputs -> ConstraintResult.
+FUNCTIONS = {
+    "orthogonality_outputs": lambda x: orthogonality_outputs(x["head_out"], x["pad"]),
+    "orthogonality_attention": lambda x: orthogonality_attention(x["attn"], x["pad"]),
+    "infonce": lambda x: infonce_mi(x["head_out"], x["pad"], temperature=0.5),
+    "attention_entropy": lambda x: attention_entropy(x["attn"], x["pad"]),
+    "head_usage": lambda x: head_usage_entropy(x["head_contrib"], x["pad"]),
+}
+TOKEN_LEVEL = {"orthogonality_outputs", "orthogonality_attention", "attention_entropy"}
+
+
+# ------------------------------------------------------------------------------------- known values
+
+
+def test_outputs_orthogonal_heads_give_0_identical_heads_give_1():
+    pad = padding()
+    scale = torch.rand(B, H, T, 1) + 0.5
+    basis = torch.eye(DH)[:H]  # head h writes along e_h only
+    orthogonal = scale * basis[None, :, None, :]
+    assert orthogonality_outputs([orthogonal], pad).loss.item() == pytest.approx(0.0, abs=1e-7)
+    same = torch.randn(B, 1, T, DH).expand(B, H, T, DH) * scale
+    assert orthogonality_outputs([same], pad).loss.item() == pytest.approx(1.0, abs=1e-6)
+    # An intermediate value: two heads at 60 degrees -> cos² = 0.25.
+    at_60 = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])[None, :, None, :].expand(B, 2, T, 2)
+    assert orthogonality_outputs([at_60], pad).loss.item() == pytest.approx(0.25, abs=1e-6)
+
+
+def random_rotation(n: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def test_weights_orthogonal_subspaces_give_0_identical_blocks_give_1_and_rotations_change_nothing():
+    g = torch.Generator().manual_seed(0)
+    d, dh = D, DH
+    # Head h reads coordinates [h·dh, (h+1)·dh) of the residual stream, through an arbitrary full-rank block.
+    disjoint = torch.zeros(H, d, dh)
+    for h in range(H):
+        disjoint[h, h * dh : (h + 1) * dh] = torch.randn(dh, dh, generator=g)
+    assert orthogonality_weights([disjoint]).loss.item() == pytest.approx(0.0, abs=1e-7)
+    # ... still 0 after rotating the whole residual stream (the subspaces stay orthogonal).
+    assert orthogonality_weights([random_rotation(d, g) @ disjoint]).loss.item() == pytest.approx(0.0, abs=1e-6)
+    same = torch.randn(1, d, dh, generator=g).expand(H, d, dh)
+    assert orthogonality_weights([same]).loss.item() == pytest.approx(1.0, abs=1e-6)
+    # W_i -> W_i R_i (each head rotated differently) and rescaling leave G unchanged, so identical
+    # subspaces still give 1 even though the flattened blocks are now far from parallel.
+    rotated = torch.stack([3.0 * same[h] @ random_rotation(dh, g) for h in range(H)])
+    assert orthogonality_weights([rotated]).loss.item() == pytest.approx(1.0, abs=1e-5)
+    random_blocks = torch.randn(H, d, dh, generator=g)
+    turned = torch.stack([random_blocks[h] @ random_rotation(dh, g) for h in range(H)])
+    expected = orthogonality_weights([random_blocks]).loss.item()
+    assert orthogonality_weights([turned]).loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_weights_random_blocks_sit_near_the_documented_baseline():
+    # The docstring's claim: i.i.d. Gaussian blocks give G² ≈ d_head / (d_model + d_head) (0.2 at 64/16).
+    blocks = list(torch.randn(40, 4, 64, 16))
+    assert orthogonality_weights(blocks).loss.item() == pytest.approx(16 / 80, abs=0.02)
+
+
+def test_attention_disjoint_heads_give_0_identical_heads_give_1_however_diffuse():
+    pad = torch.zeros(1, H, dtype=torch.bool)  # T = H real tokens
+    one_hot = torch.eye(H)[None, :, None, :].expand(1, H, H, H)  # head h always attends to key h
+    assert orthogonality_attention([one_hot], pad).loss.item() == pytest.approx(0.0, abs=1e-7)
+    uniform = torch.full((1, H, H, H), 1.0 / H)
+    assert orthogonality_attention([uniform], pad).loss.item() == pytest.approx(1.0, abs=1e-6)
+    sharp_same = torch.eye(H)[None, None].expand(1, H, H, H)  # all heads: query q attends to key q
+    assert orthogonality_attention([sharp_same], pad).loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_attention_entropy_uniform_gives_1_one_hot_gives_0_single_key_gives_0():
+    pad = padding()
+    uniform = attention_from_scores(torch.zeros(B, H, T, T), pad)
+    result = attention_entropy([uniform], pad)
+    # Every real query scores 1, except the single-token sample's (index 4), defined as 0.
+    expected = (~pad).float()
+    expected[4] = 0.0
+    torch.testing.assert_close(result.per_token, expected)
+    n_real = int(LENGTHS.sum())
+    assert result.loss.item() == pytest.approx((n_real - 1) / n_real, abs=1e-6)
+    no_single = padding(torch.full((B,), T))
+    uniform_all = attention_from_scores(torch.zeros(B, H, T, T), no_single)
+    assert attention_entropy([uniform_all], no_single).loss.item() == pytest.approx(1.0, abs=1e-6)
+    one_hot = attention_from_scores(torch.randn(B, H, T, T) * 1e4, pad)
+    assert attention_entropy([one_hot], pad).loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_head_usage_equal_gives_1_one_active_head_gives_0():
+    pad = padding()
+    equal = F.normalize(torch.randn(B, H, T, D), dim=-1) * 2.0  # every head: norm 2 at every token
+    assert head_usage_entropy([equal], pad).loss.item() == pytest.approx(1.0, abs=1e-6)
+    one = torch.zeros(B, H, T, D)
+    one[:, 2] = torch.randn(B, T, D)
+    result = head_usage_entropy([one], pad)
+    assert result.loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert result.diagnostics["max_share"] == pytest.approx(1.0)
+    assert result.per_token is None
+
+
+def test_pooled_heads_is_the_mean_over_real_tokens():
+    x = random_inputs()
+    pooled = pooled_heads(x["head_out"][0], x["pad"])
+    b = 2  # 5 real tokens
+    torch.testing.assert_close(pooled[b], x["head_out"][0][b, :, :5].mean(1))
+
+
+def test_infonce_bound_cosine_critic_by_hand_and_the_clamped_loss():
+    x, y = torch.randn(5, 3), torch.randn(5, 3)
+    s = F.cosine_similarity(x[:, None], y[None], dim=-1) / 0.5
+    by_hand = math.log(5) + (s.diagonal() - s.logsumexp(1)).mean()
+    torch.testing.assert_close(infonce_bound(x, y, temperature=0.5), by_hand)
+    # Perfectly dependent, well-separated samples reach the log N ceiling; y = -x is dependence too,
+    # and the loss clamps its negative estimate to 0 instead of rewarding it.
+    e = torch.eye(8)
+    assert infonce_bound(e, e, temperature=0.01).item() == pytest.approx(math.log(8), abs=1e-3)
+    head_out = torch.stack([e, -e], 1)[:, :, None, :]  # (B=8, H=2, T=1, 8)
+    result = infonce_mi([head_out], torch.zeros(8, 1, dtype=torch.bool), temperature=0.1)
+    assert result.diagnostics["raw_mean"] < -9 and result.loss.item() == 0.0
+
+
+# ----------------------------------------------------------------------------------- invariances
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_padding_never_changes_a_loss(name):
+    x = random_inputs()
+    extra = 4
+    g = torch.Generator().manual_seed(1)
+
+    def garbage_padded(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """t grown by `extra` trailing positions along dims; the new positions hold huge values."""
+        shape = list(t.shape)
+        for dim in dims:
+            shape[dim] += extra
+        grown = torch.randn(shape, generator=g) * 1e3
+        grown[tuple(slice(0, n) for n in t.shape)] = t
+        return grown
+
+    pad = padding(LENGTHS, T + extra)
+    padded = {"pad": pad}
+    for key in ("head_out", "head_contrib"):
+        grown = [garbage_padded(t, (2,)) for t in x[key]]
+        # Garbage inside the original padding too.
+        padded[key] = [torch.where(pad[:, None, :, None], torch.randn(t.shape, generator=g) * 1e3, t) for t in grown]
+    # Attention: garbage rows for padded queries and garbage columns for padded keys.
+    pad_pair = pad[:, None, :, None] | pad[:, None, None, :]
+    grown = [garbage_padded(a, (2, 3)) for a in x["attn"]]
+    padded["attn"] = [torch.where(pad_pair, torch.randn(a.shape, generator=g) * 1e3, a) for a in grown]
+    for t in padded["head_out"] + padded["head_contrib"] + padded["attn"]:
+        t.requires_grad_(True)
+
+    before, after = FUNCTIONS[name](x), FUNCTIONS[name](padded)
+    torch.testing.assert_close(after.loss, before.loss, rtol=1e-5, atol=1e-6)
+    if name in TOKEN_LEVEL:
+        torch.testing.assert_close(after.per_token[:, :T], before.per_token, rtol=1e-5, atol=1e-6)
+        assert (after.per_token[pad] == 0).all()
+    after.loss.backward()  # ... nor a gradient: exactly 0 at every padded position
+    grads = {k: [t.grad for t in padded[k] if t.grad is not None] for k in ("head_out", "head_contrib", "attn")}
+    for grad in grads["head_out"] + grads["head_contrib"]:
+        assert torch.isfinite(grad).all() and (grad[pad[:, None, :, None].expand_as(grad)] == 0).all()
+    for grad in grads["attn"]:
+        assert torch.isfinite(grad).all() and (grad[pad_pair.expand_as(grad)] == 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_shuffling_the_batch_permutes_per_token_losses_and_keeps_batch_losses(name):
+    x = random_inputs()
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    shuffled = {k: (v[perm] if k == "pad" else [t[perm] for t in v]) for k, v in x.items()}
+    before, after = FUNCTIONS[name](x), FUNCTIONS[name](shuffled)
+    torch.testing.assert_close(after.loss, before.loss, rtol=1e-5, atol=1e-6)
+    if name in TOKEN_LEVEL:
+        torch.testing.assert_close(after.per_token, before.per_token[perm], rtol=1e-5, atol=1e-6)
+    else:
+        assert before.per_token is None and after.per_token is None
+
+
+# ------------------------------------------------------------------------------ where gradients go
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_LEVEL | {"head_usage"}))
+def test_gradients_match_finite_differences(name):
+    # Attention has hand-written backward passes; check them (and the rest) in float64. Attention rows
+    # are kept away from 0 so that finite differences do not cross the clamp at p = 0.
+    lengths = torch.tensor([3, 2])
+    pad = padding(lengths, 3)
+    g = torch.Generator().manual_seed(0)
+    attn = (torch.rand(2, 3, 3, 3, generator=g, dtype=torch.float64) + 0.1).masked_fill(pad[:, None, None, :], 0.0)
+    attn = attn / attn.sum(-1, keepdim=True)
+    x = {"pad": pad, "attn": [attn], "head_out": [torch.randn(2, 3, 3, 2, generator=g, dtype=torch.float64)],
+         "head_contrib": [torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64)]}
+    key = {"orthogonality_outputs": "head_out", "head_usage": "head_contrib"}.get(name, "attn")
+    leaf = x[key][0].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: FUNCTIONS[name]({**x, key: [t]}).loss, (leaf,))
+
+
+# A plain encoder (no sentence-local layer): every layer is constrained by default.
+SMALL = ModelConfig(vocab_size=20, n_classes=5, d_model=16, n_heads=4, n_layers=2, d_ff=32, max_len=16, local_layers=0)
+
+
+@pytest.fixture
+def model_batch():
+    model = Encoder(SMALL)
+    tokens = torch.randint(0, 20, (8, 10))
+    pad = padding(torch.tensor([10, 8, 6, 10, 4, 9, 7, 10]), 10)
+    return model, tokens, pad
+
+
+def reached(model: torch.nn.Module, loss: torch.Tensor) -> set[str]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_attention_entropy_reaches_queries_and_keys_only(model_batch):
+    model, tokens, pad = model_batch
+    out = model(tokens, pad, capture="attn")
+    got = reached(model, attention_entropy([out.attn[1]], pad).loss)
+    assert {"blocks.1.attn.W_Q", "blocks.1.attn.W_K", "blocks.0.attn.W_V"} <= got
+    assert not got & {"blocks.1.attn.W_V", "blocks.1.attn.W_O", "head.weight", "head.bias", "ln_f.weight"}
+
+
+def test_head_usage_and_output_orthogonality_do_not_reach_the_readout(model_batch):
+    model, tokens, pad = model_batch
+    readout = {"head.weight", "head.bias", "ln_f.weight", "ln_f.bias"}
+    out = model(tokens, pad, capture=("head_out", "head_contrib"))
+    usage = reached(model, head_usage_entropy(out.head_contrib, pad).loss)
+    assert {"blocks.1.attn.W_O", "blocks.1.attn.W_V"} <= usage and not usage & readout
+    out = model(tokens, pad, capture="head_out")
+    outputs = reached(model, orthogonality_outputs(out.head_out, pad).loss)
+    # head_out is read before W_O: the last layer's W_O (and the FFN after it) are out of reach.
+    assert {"blocks.1.attn.W_V", "blocks.0.attn.W_O"} <= outputs
+    assert not outputs & (readout | {"blocks.1.attn.W_O", "blocks.1.ff_in.weight"})
+
+
+def test_weights_orthogonality_reaches_only_the_projections_it_names(model_batch):
+    model, tokens, pad = model_batch
+    cfg = ConstraintConfig(orthogonality=1.0, orthogonality_variant="weights", orthogonality_on="qv", layers=(1,))
+    constraints = Constraints(cfg, SMALL)
+    assert constraints.captures == frozenset()
+    out = model(tokens, pad, capture=constraints.captures)
+    penalty, terms = constraints.loss(out, pad, model)
+    assert reached(model, penalty) == {"blocks.1.attn.W_Q", "blocks.1.attn.W_V"}
+    assert set(terms) == {"orthogonality"}
+
+
+def club_constraints(seed: int = 0, **overrides) -> Constraints:
+    torch.manual_seed(seed)
+    cfg = ConstraintConfig(mutual_information=1.0, mi_variant="club", club_hidden=8, club_lr=1e-2, **overrides)
+    return Constraints(cfg, SMALL)
+
+
+def rig_identity_q(club: CLUB) -> None:
+    """Make q(y|x) = N(x, I) exactly (hidden = [relu(x), relu(-x)], μ = relu(x) - relu(-x)), so that
+    I_CLUB = Σ_d corr(x_d, y_d) on standardised inputs: positive for some pairs, whatever the model."""
+    net, d = club.net, club.net.w1.shape[1]
+    eye = torch.eye(d)
+    with torch.no_grad():
+        for p in (net.w1, net.b1, net.w2, net.b2):
+            p.zero_()
+        net.w1[:] = torch.cat([eye, -eye], 1)
+        net.w2[:, :, :d] = torch.cat([eye, -eye], 0)
+
+
+def test_club_model_side_loss_does_not_update_q(model_batch):
+    model, tokens, pad = model_batch
+    constraints = club_constraints()  # club_hidden = 8 = 2 · d_head
+    rig_identity_q(constraints.club)
+    before = copy.deepcopy(constraints.club.state_dict())
+    out = model(tokens, pad, capture=constraints.captures)
+    penalty, terms = constraints.loss(out, pad, model)
+    assert terms["mutual_information"] > 0
+    got = reached(model, penalty)
+    assert {"blocks.0.attn.W_V", "blocks.1.attn.W_V"} <= got and "head.weight" not in got
+    assert all(p.grad is None for p in constraints.club.parameters())
+    model.zero_grad(set_to_none=True)
+    constraints.auxiliary_step(out, pad)  # q moves on its own step, from detached representations
+    assert any(not torch.equal(a, b) for a, b in zip(before.values(), constraints.club.state_dict().values()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_club_gradient_reaches_the_heads_when_the_estimate_is_positive():
+    torch.manual_seed(0)
+    club = CLUB(1, 3, 3, hidden=8)
+    x = torch.randn(1, 64, 3, requires_grad=True)
+    y = (x.detach() + 0.1 * torch.randn(1, 64, 3)).requires_grad_(True)
+    for _ in range(200):  # fit q so that it sees the dependence
+        club.zero_grad()
+        (-club.log_likelihood(x.detach(), y.detach())).sum().backward()
+        torch.optim.SGD(club.parameters(), lr=0.1).step()
+    club.zero_grad(set_to_none=True)
+    est = club(x, y, frozen=True)
+    assert est.item() > 1.0
+    perm = torch.randperm(64)  # a batch-level estimate: the order of the samples does not matter
+    torch.testing.assert_close(club(x[:, perm], y[:, perm]), est)
+    est.sum().backward()
+    assert x.grad.abs().sum() > 0 and y.grad.abs().sum() > 0
+    assert all(p.grad is None for p in club.parameters())
+
+
+# ------------------------------------------------------------------------ the training object
+
+
+def test_all_weights_zero_is_exactly_the_task_loss_and_captures_nothing(model_batch):
+    model, tokens, pad = model_batch
+    constraints = Constraints(ConstraintConfig(), SMALL)
+    assert constraints.captures == frozenset()
+    out = model(tokens, pad, capture=constraints.captures)
+    ce = F.cross_entropy(out.logits, torch.randint(0, 5, (8,)))
+    penalty, terms = constraints.loss(out, pad, model)
+    assert penalty.dim() == 0 and penalty.item() == 0.0 and terms == {}
+    assert torch.equal(ce + penalty, ce)
+    assert constraints.auxiliary_step(out, pad) == {} and constraints.state_dict() == {}
+
+
+@pytest.mark.parametrize(
+    "overrides, captures",
+    [
+        ({"orthogonality": 0.1}, {"head_out"}),
+        ({"orthogonality": 0.1, "orthogonality_variant": "weights"}, set()),
+        ({"orthogonality": 0.1, "orthogonality_variant": "attention"}, {"attn"}),
+        ({"mutual_information": 0.1}, {"head_out"}),
+        ({"mutual_information": 0.1, "mi_variant": "club"}, {"head_out"}),
+        ({"attention_entropy": 0.1}, {"attn"}),
+        ({"head_usage": 0.1}, {"head_contrib"}),
+        ({"head_usage": 0.1, "orthogonality": 0.1, "orthogonality_variant": "weights"}, {"head_contrib"}),
+    ],
+)
+def test_captures_are_minimal(overrides, captures):
+    assert Constraints(ConstraintConfig(**overrides), SMALL).captures == frozenset(captures)
+
+
+def test_loss_is_the_weighted_sum_over_the_selected_layers(model_batch):
+    model, tokens, pad = model_batch
+    cfg = ConstraintConfig(attention_entropy=0.3, head_usage=0.2, orthogonality=0.5, layers=(1,))
+    constraints = Constraints(cfg, SMALL)
+    out = model(tokens, pad, capture=constraints.captures)
+    penalty, terms = constraints.loss(out, pad, model)
+    ent = attention_entropy([out.attn[1]], pad).loss
+    usage = head_usage_entropy([out.head_contrib[1]], pad).loss
+    ortho = orthogonality_outputs([out.head_out[1]], pad).loss
+    torch.testing.assert_close(penalty, 0.5 * ortho + 0.3 * ent + 0.2 * usage)
+    expected = {"orthogonality": ortho.item(), "attention_entropy": ent.item(), "head_usage": usage.item()}
+    assert terms == pytest.approx(expected)
+    with pytest.raises(ValueError, match="constraints.layers"):
+        Constraints(ConstraintConfig(layers=(2,)), SMALL)
+
+
+def test_loss_under_bf16_autocast_is_computed_in_float32(model_batch):
+    model, tokens, pad = model_batch
+    constraints = Constraints(ConstraintConfig(attention_entropy=1.0, mutual_information=1.0), SMALL)
+    out = model(tokens, pad, capture=constraints.captures)
+    plain, _ = constraints.loss(out, pad, model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = constraints.loss(out, pad, model)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain)
+
+
+def test_club_state_dict_round_trip_gives_identical_continuation(model_batch):
+    model, tokens, pad = model_batch
+    out = model(tokens, pad, capture="head_out")
+    first = club_constraints(seed=0)
+    for _ in range(3):
+        first.auxiliary_step(out, pad)
+    state = copy.deepcopy(first.state_dict())
+    second = club_constraints(seed=1)  # a different initialisation, overwritten by the state
+    second.load_state_dict(state)
+    for _ in range(3):
+        logs = first.auxiliary_step(out, pad), second.auxiliary_step(out, pad)
+        assert logs[0] == logs[1]
+    for a, b in zip(first.club.parameters(), second.club.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(first.loss(out, pad, model)[0], second.loss(out, pad, model)[0])
+    with pytest.raises(ValueError, match="no CLUB"):
+        Constraints(ConstraintConfig(), SMALL).load_state_dict(state)
+
+
+def test_measure_reports_every_constraint_and_formulas_cover_them(model_batch):
+    model, tokens, pad = model_batch
+    out = model(tokens, pad, capture=MEASURE_CAPTURES)
+    values = measure(out, pad, model)
+    main = {k for k in values if "/" not in k and not k.startswith("orthogonality_weights_")}
+    assert main == {"orthogonality_outputs", "orthogonality_weights", "orthogonality_attention", "infonce",
+                    "attention_entropy", "head_usage"}
+    assert all(math.isfinite(v) for v in values.values())
+    assert main | {"club"} == set(FORMULAS)
+    assert not any("$" in f or "\\" in f for f in FORMULAS.values())  # Unicode math, no LaTeX
+    mistune = pytest.importorskip("mistune")  # nbconvert's Markdown renderer
+    for formula in FORMULAS.values():  # the bold title renders, and no stray _ or * turns into emphasis
+        html = mistune.html(formula)
+        assert html.count("<strong>") == 1 and "<em>" not in html
+
+
+def test_estimate_head_mi_gives_symmetric_matrices_with_nan_diagonal(model_batch):
+    model, tokens, pad = model_batch
+    out = model(tokens, pad, capture="head_out")
+    for method in ("infonce", "club"):
+        with torch.inference_mode():  # as an analysis might call it; the critic still trains
+            mats = estimate_head_mi(out.head_out, pad, method=method, steps=5, seed=0, batch_size=4)
+        assert len(mats) == SMALL.n_layers and mats[0].shape == (4, 4)
+        assert torch.isnan(mats[0].diagonal()).all()
+        off = ~torch.eye(4, dtype=torch.bool)
+        assert torch.isfinite(mats[0][off]).all() and torch.equal(mats[0][off], mats[0].T[off])
+
+
+# ------------------------------------------------------------------- MI estimators, known truth
+
+
+def correlated_gaussians(rhos: list[float], d: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One problem per ρ: x ~ N(0, I_d), y = ρx + √(1−ρ²)·ε, so I(x; y) = −(d/2)·log(1−ρ²)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(rhos), n, d, generator=g)
+    eps = torch.randn(len(rhos), n, d, generator=g)
+    r = torch.tensor(rhos)[:, None, None]
+    return x, r * x + (1 - r**2).sqrt() * eps
+
+
+def test_mi_estimators_on_correlated_gaussians_with_known_mi():
+    rhos, d = [0.3, 0.5, 0.7], 2
+    true = torch.tensor([-d / 2 * math.log(1 - r * r) for r in rhos])  # 0.09, 0.29, 0.67 nats
+    club_closed = torch.tensor([d * r * r / (1 - r * r) for r in rhos])  # CLUB with q = p(y|x): 0.20, 0.67, 1.92
+    x, y = correlated_gaussians(rhos, d, n=8192, seed=0)
+    # 300 seeded Adam steps each, batch 256 (log N = 5.5 ≫ MI), estimates on 4096 held-out samples.
+    nce = estimate_mi(x, y, "infonce", steps=300, seed=0)
+    club = estimate_mi(x, y, "club", steps=300, seed=0)
+    # Tolerances (nats), from the spread over seeds 0-4: InfoNCE was within [-0.05, +0.01] of the truth,
+    # CLUB within ±0.05 + 10% of its closed form.
+    assert (nce <= true + 0.05).all(), (nce, true)
+    assert (nce >= true - 0.1).all(), (nce, true)
+    assert (club >= true - 0.05).all(), (club, true)
+    assert ((club - club_closed).abs() <= 0.1 + 0.1 * club_closed).all(), (club, club_closed)
+    assert (nce.diff() > 0).all() and (club.diff() > 0).all()  # both increase with ρ
+
+
+def test_default_layers_are_the_global_ones():
+    """With a sentence-local first layer, constraints and measures default to the layers after it."""
+    cfg = ModelConfig(vocab_size=20, n_classes=5, d_model=16, n_heads=4, n_layers=3, d_ff=32, max_len=16, local_layers=1)
+    assert Constraints(ConstraintConfig(head_usage=1.0), cfg).layers == (1, 2)
+    assert Constraints(ConstraintConfig(head_usage=1.0, layers=(0,)), cfg).layers == (0,)
+    torch.manual_seed(0)
+    model = Encoder(cfg)
+    tokens = torch.randint(1, 20, (3, 8))
+    pad = torch.zeros(3, 8, dtype=torch.bool)
+    segments = torch.tensor([[0, 1, 1, 1, 2, 2, 0, 0]] * 3)
+    out = model(tokens, pad, capture=MEASURE_CAPTURES, segments=segments)
+    default = measure(out, pad, model)
+    assert default["attention_entropy"] == pytest.approx(measure(out, pad, model, layers=(1, 2))["attention_entropy"])
+    assert default["attention_entropy"] != pytest.approx(measure(out, pad, model, layers=(0,))["attention_entropy"])
