@@ -1,0 +1,548 @@
+"""One run from a frozen config (fit, evaluate, checkpoint, resume), cached by config hash; and grids.
+
+    result = run(cfg)                    # trains, or loads the finished run from reports/cache/<hash>/
+    runs, history = run_grid(configs)    # one progress bar; a row per run, a row per evaluation
+
+A run's folder ``<cache>/<run_hash(cfg)>/`` holds:
+
+* ``config.json``     the full config and the code version it was trained with;
+* ``checkpoint.pt``   model, optimiser, schedule, RNG states, constraint state and history so far
+                      (written atomically every ``eval_every`` steps; removed when the run ends);
+* ``history.csv``     one row per evaluation (train losses since the last evaluation, val metrics);
+* ``model.pt``        final weights;
+* ``result.json``     written last: status, final metrics and the checksum of ``model.pt``.
+
+A folder whose ``result.json`` is missing, unreadable, for another config or whose ``model.pt`` does not
+match its checksum is not trusted: the run resumes from ``checkpoint.pt`` if that loads, else restarts.
+
+Statuses: ``finished``; ``diverged`` (the loss became NaN or infinite: training stops, the last finite
+metrics are kept, test metrics are NaN); ``failed`` (an exception, recorded by ``run_grid`` only when
+asked to, never cached).
+
+Reproducibility: seeds are set in one place (:func:`seed_everything`); batch order is a pure function of
+(seed, epoch), so a resumed run replays exactly the batches an uninterrupted one would. On CPU each run
+uses ``threads`` intra-op threads (default 1: grids parallelise across runs instead, and a fixed thread
+count keeps float reductions, hence results, identical between sequential and parallel grids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+import multiprocessing as mp
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from .config import CODE_VERSION, ConfigError, DataConfig, RunConfig, flatten, run_hash
+from .constraints import MEASURE_CAPTURES, Constraints, measure
+from .data import Split, TaskData
+from .model import Encoder
+
+STATUSES = ("finished", "diverged", "failed")
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def default_cache_dir() -> Path:
+    """``$DISENTANGLE_CACHE`` if set, else ``reports/cache`` of this checkout (or of the working directory)."""
+    env = os.environ.get("DISENTANGLE_CACHE")
+    if env:
+        return Path(env)
+    root = _REPO if (_REPO / "pyproject.toml").exists() else Path.cwd()
+    return root / "reports" / "cache"
+
+
+def seed_everything(seed: int) -> None:
+    """The one place seeds are set: Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError([f"train.device={name!r} but CUDA is not available here (use 'auto' or 'cpu')"])
+    return torch.device(name)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@lru_cache(maxsize=4)
+def _data_in_memory(data_json: str, cache_dir: str) -> TaskData:
+    cfg = DataConfig.from_dict(json.loads(data_json))
+    key = hashlib.sha256(f"{CODE_VERSION}:{data_json}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "data" / f"{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception:  # a partial or stale file: rebuild it
+            path.unlink(missing_ok=True)
+    built = data_mod.build(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(built, path)
+    return built
+
+
+def load_data(cfg: DataConfig, cache_dir: str | Path | None = None) -> TaskData:
+    """The data of a config, built once and then shared through memory and the on-disk cache."""
+    return _data_in_memory(json.dumps(cfg.to_dict(), sort_keys=True), str(cache_dir or default_cache_dir()))
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def iter_batches(split: Split, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(split), batch_size):
+        b = split.batch(slice(start, start + batch_size))
+        yield {k: v.to(device) for k, v in b.items()}
+
+
+@torch.no_grad()
+def evaluate(model: Encoder, split: Split, tasks: Sequence[str], batch_size: int = 500) -> dict[str, float]:
+    """Accuracy and cross-entropy over a split, overall and per task (keys ``acc``, ``ce``, ``acc/<task>``)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, losses, task_ids = [], [], []
+    for b in iter_batches(split, batch_size, device):
+        logits = model(b["tokens"], b["padding_mask"], segments=b["segments"]).logits.float()
+        correct.append((logits.argmax(-1) == b["answers"]).cpu())
+        losses.append(F.cross_entropy(logits, b["answers"], reduction="none").cpu())
+        task_ids.append(b["task_ids"].cpu())
+    model.train(was_training)
+    correct_t, loss_t, tid = torch.cat(correct).float(), torch.cat(losses), torch.cat(task_ids)
+    out = {"acc": correct_t.mean().item(), "ce": loss_t.mean().item()}
+    for i, task in enumerate(tasks):
+        sel = tid == i
+        if sel.any():
+            out[f"acc/{task}"] = correct_t[sel].mean().item()
+    return out
+
+
+@torch.no_grad()
+def measure_split(model: Encoder, split: Split, temperature: float, batch_size: int = 250) -> dict[str, float]:
+    """Every constraint's own measure on a split (size-weighted mean over batches), for any model."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    for b in iter_batches(split, batch_size, device):
+        out = model(b["tokens"], b["padding_mask"], capture=MEASURE_CAPTURES, segments=b["segments"])
+        for k, v in measure(out, b["padding_mask"], model, temperature=temperature).items():
+            totals[k] = totals.get(k, 0.0) + v * len(b["tokens"])
+    model.train(was_training)
+    return {k: v / len(split) for k, v in totals.items()}
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    run_id: str
+    path: Path
+    status: str
+    metrics: dict[str, float]
+    history: pd.DataFrame
+    wall_time: float  # seconds of training and evaluation, summed over resumptions
+    cached: bool = False  # loaded from a finished cache entry, nothing trained now
+    error: str | None = None
+    info: dict = field(default_factory=dict)  # e.g. {"resumed_from_step": 400, "diverged_at_step": 12}
+
+    def load_model(self, device: str | torch.device = "cpu") -> Encoder:
+        """The final model, in eval mode."""
+        state = torch.load(self.path / "model.pt", map_location=device, weights_only=False)
+        model = Encoder(state["model_config"]).to(device)
+        model.load_state_dict(state["weights"])
+        return model.eval()
+
+    def data(self) -> TaskData:
+        return load_data(self.config.data, self.path.parent)
+
+    def row(self) -> dict:
+        """One tidy row: flattened config, final metrics, status and bookkeeping."""
+        return {
+            "run_id": self.run_id,
+            **flatten(self.config.to_dict()),
+            "status": self.status,
+            **self.metrics,
+            "wall_time": self.wall_time,
+            "cached": self.cached,
+            "error": self.error,
+        }
+
+
+def _tmp_path(path: Path) -> Path:
+    # Unique per writer: parallel workers may write the same file (e.g. a shared data cache entry).
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = _tmp_path(path)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = _tmp_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _config_record(cfg: RunConfig, run_id: str) -> dict:
+    return {"run_id": run_id, "code_version": CODE_VERSION, "config": cfg.to_dict()}
+
+
+def _load_finished(cfg: RunConfig, run_id: str, run_dir: Path) -> RunResult | None:
+    """The cached result if every part of the entry checks out, else None."""
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+        result = json.loads((run_dir / "result.json").read_text())
+        if record != _config_record(cfg, run_id) or result.get("status") not in STATUSES:
+            return None
+        if result.get("model_sha256") and _sha256(run_dir / "model.pt") != result["model_sha256"]:
+            return None
+        # A run that diverged before its first evaluation has no history file.
+        history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").exists() else pd.DataFrame()
+    except (OSError, ValueError, KeyError):
+        return None
+    metrics = {k: (float("nan") if v is None else v) for k, v in result["metrics"].items()}
+    return RunResult(cfg, run_id, run_dir, result["status"], metrics, history, result["wall_time"], cached=True, info=result.get("info", {}))
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Batch ``step``: ``batch_size`` indices drawn uniformly with replacement, a pure function of (seed, step),
+    so a resumed run replays exactly the batches of an uninterrupted one.
+
+    Why not an epoch-wise permutation (random reshuffling)? On these tasks it was consistently worse: over 4
+    seeds, 3200 steps, the baseline reached 0.78 mean val accuracy on where_person with per-epoch
+    permutations and 0.94 with i.i.d. batches (closing note of issue 6). We keep what works and flag it.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch_size,), generator=g)
+
+
+def _optimizer(model: Encoder, cfg) -> torch.optim.AdamW:
+    # Decay matrices (projections, embeddings); not biases and LayerNorm gains (nanoGPT's rule).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def run(
+    cfg: RunConfig,
+    cache_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
+    threads: int | None = 1,
+    force: bool = False,
+) -> RunResult:
+    """Train one config (or load it from the cache) and return its result.
+
+    ``force`` discards any cache entry. ``threads`` sets torch's intra-op threads on CPU for the run
+    (None leaves them alone); results are bit-reproducible for a given thread count.
+    """
+    cache = Path(cache_dir or default_cache_dir())
+    run_id = run_hash(cfg)
+    run_dir = cache / run_id
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    finished = _load_finished(cfg, run_id, run_dir)
+    if finished is not None:
+        return finished
+    # Anything but a valid checkpoint in an unfinished folder is debris from a crash: start clean.
+    checkpoint = None
+    if run_dir.exists():
+        try:
+            checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+            if checkpoint.get("run_id") != run_id:
+                checkpoint = None
+        except Exception:
+            checkpoint = None
+        if checkpoint is None:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(json.dumps(_config_record(cfg, run_id), indent=2), run_dir / "config.json")
+    data = load_data(cfg.data, cache)
+    with _threads(threads if resolve_device(cfg.train.device).type == "cpu" else None):
+        return _fit(cfg, run_id, run_dir, data, checkpoint, progress)
+
+
+def _fit(cfg: RunConfig, run_id: str, run_dir: Path, data: TaskData, checkpoint: dict | None, progress: bool) -> RunResult:
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if cfg.model.max_len < data.max_len:
+        raise ConfigError([f"model.max_len={cfg.model.max_len} is shorter than the longest input ({data.max_len} tokens); raise it"])
+    model_cfg = cfg.model.replace(vocab_size=len(data.vocab), n_classes=len(data.answers))
+    seed_everything(cfg.seed)
+    model = Encoder(model_cfg).to(device)
+    constraints = Constraints(cfg.constraints, model_cfg, device=device)
+    opt = _optimizer(model, tc)
+    use_amp = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
+
+    step, rows, elapsed, best_val, since_best = 0, [], 0.0, -1.0, 0
+    info: dict = {}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        constraints.load_state_dict(checkpoint["constraints"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
+        step, rows, elapsed = checkpoint["step"], checkpoint["history"], checkpoint["elapsed"]
+        best_val, since_best = checkpoint["best_val"], checkpoint["since_best"]
+        info["resumed_from_step"] = step
+
+    train = data.splits["train"]
+    running: dict[str, float] = {}
+    n_running = 0
+    status, t0 = "finished", time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=step, desc=run_id, leave=False)
+    model.train()
+    while step < tc.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        b = train.batch(_batch_indices(step, len(train), tc.batch_size, cfg.seed))
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast():
+            out = model(b["tokens"], b["padding_mask"], capture=constraints.captures, segments=b["segments"])
+            ce = F.cross_entropy(out.logits.float(), b["answers"])
+            penalty, terms = constraints.loss(out, b["padding_mask"], model)
+            loss = ce + penalty
+        if not torch.isfinite(loss):
+            status = "diverged"
+            info["diverged_at_step"] = step
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        constraints.auxiliary_step(out, b["padding_mask"])
+        for k, v in {"loss": loss.item(), "ce": ce.item(), **terms}.items():
+            running[k] = running.get(k, 0.0) + float(v)
+        n_running += 1
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        if step % tc.eval_every == 0 or step == tc.steps:
+            val = evaluate(model, data.splits["val"], data.tasks)
+            row = {"step": step, "lr": lr_at(step - 1, tc), **{f"train_{k}": v / n_running for k, v in running.items()},
+                   **{f"val_{k}": v for k, v in val.items()}}
+            if not all(math.isfinite(v) for v in row.values()):
+                status = "diverged"
+                info["diverged_at_step"] = step
+                break
+            rows.append(row)
+            running, n_running = {}, 0
+            improved = val["acc"] > best_val
+            best_val, since_best = (val["acc"], 0) if improved else (best_val, since_best + 1)
+            stop_early = tc.early_stopping > 0 and since_best >= tc.early_stopping
+            if stop_early:
+                info["stopped_early_at_step"] = step
+            if step < tc.steps and not stop_early:
+                _atomic_save({
+                    "run_id": run_id, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "constraints": constraints.state_dict(), "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "history": rows, "elapsed": elapsed + time.perf_counter() - t0,
+                    "best_val": best_val, "since_best": since_best,
+                }, run_dir / "checkpoint.pt")
+                pd.DataFrame(rows).to_csv(run_dir / "history.csv", index=False)
+            if stop_early:
+                break
+    if bar is not None:
+        bar.close()
+
+    history = pd.DataFrame(rows)
+    metrics: dict[str, float] = {f"chance/{t}": c for t, c in data.chance("test").items()}
+    metrics["steps_done"] = step
+    metrics["params"] = model.num_params()
+    if rows:
+        metrics.update({k: v for k, v in rows[-1].items() if k.startswith(("val_", "train_"))})
+        metrics["best_val_acc"] = best_val
+    if status == "finished":
+        model.eval()
+        metrics.update({f"test_{k}": v for k, v in evaluate(model, data.splits["test"], data.tasks).items()})
+        if "ood" in data.splits:
+            metrics.update({f"ood_{k}": v for k, v in evaluate(model, data.splits["ood"], data.tasks).items()})
+        measures = measure_split(model, data.splits["test"], cfg.constraints.mi_temperature)
+        metrics.update({f"measure/{k}": v for k, v in measures.items()})
+    else:
+        metrics["test_acc"] = float("nan")
+    wall = elapsed + time.perf_counter() - t0
+    _atomic_save({"model_config": model_cfg, "weights": model.state_dict()}, run_dir / "model.pt")
+    if rows:
+        history.to_csv(run_dir / "history.csv", index=False)
+    else:
+        (run_dir / "history.csv").unlink(missing_ok=True)
+    json_metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    _atomic_write_text(json.dumps({
+        "status": status, "metrics": json_metrics, "wall_time": wall, "info": info,
+        "model_sha256": _sha256(run_dir / "model.pt"), "device": str(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+    }, indent=2), run_dir / "result.json")
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return RunResult(cfg, run_id, run_dir, status, metrics, history, wall, cached=False, info=info)
+
+
+# ------------------------------------------------------------------------------------------- grids
+
+
+def _run_in_worker(cfg_dict: dict, cache_dir: str, threads: int | None) -> tuple[str, str | None]:
+    cfg = RunConfig.from_dict(cfg_dict)
+    try:
+        run(cfg, cache_dir, threads=threads)
+        return run_hash(cfg), None
+    except Exception:
+        return run_hash(cfg), traceback.format_exc()
+
+
+def _failed(cfg: RunConfig, cache: Path, error: str) -> RunResult:
+    run_id = run_hash(cfg)
+    return RunResult(cfg, run_id, cache / run_id, "failed", {"test_acc": float("nan")}, pd.DataFrame(), 0.0, error=error)
+
+
+def _validate_all(configs: Sequence[RunConfig | dict]) -> list[RunConfig]:
+    """Build every config, raising one ConfigError that lists the bad fields of all of them."""
+    built, problems = [], []
+    for i, c in enumerate(configs):
+        try:
+            built.append(c if isinstance(c, RunConfig) else RunConfig.from_dict(c))
+        except ConfigError as err:
+            problems += [f"config[{i}] {p}" for p in err.problems]
+    if problems:
+        raise ConfigError(problems)
+    return built
+
+
+def run_grid(
+    configs: Sequence[RunConfig],
+    cache_dir: str | Path | None = None,
+    *,
+    n_jobs: int | None = None,
+    threads: int | None = 1,
+    progress: bool = True,
+    on_error: str = "raise",
+    desc: str = "runs",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run (or load) every config; return ``(runs, history)`` as tidy DataFrames.
+
+    ``runs``: one row per config, in the given order: ``run_id``, flattened config columns
+    (``model.d_ff``, ``constraints.head_usage``, ...), final metrics, ``status``, ``wall_time``.
+    ``history``: one row per (run, evaluation step).
+
+    Configs are all validated before anything trains. Finished runs load from the cache; the others
+    train in ``n_jobs`` worker processes (default: one per CPU core on CPU, 1 with CUDA). A diverged
+    run is a row with status ``diverged``. Any other exception is raised after the remaining runs
+    finish (``on_error="raise"``) or recorded as a ``failed`` row (``on_error="record"``).
+
+    Workers are spawned processes, so a *script* that calls this with ``n_jobs > 1`` needs the usual
+    ``if __name__ == "__main__":`` guard (notebooks and pytest need nothing).
+    """
+    if on_error not in ("raise", "record"):
+        raise ValueError(f"on_error={on_error!r} is not one of ['raise', 'record']")
+    configs = _validate_all(configs)
+    cache = Path(cache_dir or default_cache_dir())
+    unique = {run_hash(c): c for c in configs}
+    results: dict[str, RunResult] = {}
+    todo = []
+    for run_id, cfg in unique.items():
+        cached = _load_finished(cfg, run_id, cache / run_id)
+        if cached is not None:
+            results[run_id] = cached
+        else:
+            todo.append(cfg)
+    if n_jobs is None:
+        n_jobs = 1 if torch.cuda.is_available() else (os.cpu_count() or 1)
+    n_jobs = max(1, min(n_jobs, len(todo)))
+    if n_jobs > 1:  # build each dataset once, here, rather than once per worker
+        for data_cfg in {c.data for c in todo}:
+            load_data(data_cfg, cache)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(unique), initial=len(results), desc=desc, disable=not progress)
+    errors: dict[str, str] = {}
+    if n_jobs == 1:
+        for cfg in todo:
+            run_id, err = _run_in_worker(cfg.to_dict(), str(cache), threads)
+            if err:
+                errors[run_id] = err
+            bar.update(1)
+    else:
+        # Spawned workers: forking a process whose torch thread pools are initialised can deadlock.
+        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_in_worker, cfg.to_dict(), str(cache), threads) for cfg in todo]
+            for fut in as_completed(futures):
+                run_id, err = fut.result()
+                if err:
+                    errors[run_id] = err
+                bar.update(1)
+    bar.close()
+    for cfg in todo:
+        run_id = run_hash(cfg)
+        if run_id in errors:
+            results[run_id] = _failed(cfg, cache, errors[run_id])
+        else:
+            results[run_id] = _load_finished(cfg, run_id, cache / run_id)
+            results[run_id].cached = False  # trained by this call
+    if errors and on_error == "raise":
+        first = next(iter(errors.values()))
+        raise RuntimeError(f"{len(errors)} of {len(unique)} runs failed; first error:\n{first}")
+
+    ordered = [results[run_hash(c)] for c in configs]
+    runs = pd.DataFrame([r.row() for r in ordered])
+    histories = [r.history.assign(run_id=r.run_id) for r in ordered if len(r.history)]
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    return runs, history
