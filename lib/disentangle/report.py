@@ -1,0 +1,389 @@
+"""Run the ordered notebooks with papermill under a profile and render one self-contained HTML report.
+
+    python -m disentangle.report --profile default            # what `make report` runs
+    python -m disentangle.report --profile quick --only 01_baseline 08_findings
+    python -m disentangle.report --profile default --babi-dir /data/babi/en-10k
+
+A profile is ``params/<name>.yaml``::
+
+    title: ...                  # shown on the index page
+    banner: ...                 # optional warning shown on every page (the quick profile's "not meaningful")
+    common: {key: value}        # given to every notebook that declares the parameter
+    sections: {01_baseline: {key: value}}   # per-notebook values, overriding common ones
+
+Every key must be a parameter the notebook declares in its ``parameters`` cell; anything else is an
+error before anything runs. Executed notebooks, their HTML and the numbers they record go to
+``reports/<profile>/``; the index is ``reports/<profile>/index.html``. A failing notebook makes the
+runner exit non-zero, naming the notebook and cell; its page shows the traceback and the index shows
+the failure (the old, stale page is deleted before each notebook runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import html
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS = REPO / "notebooks"
+PARAMS = REPO / "params"
+REPORTS = REPO / "reports"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+PROFILE_KEYS = ("title", "banner", "description", "common", "sections")
+# Parameters whose values are paths: relative ones are taken relative to the repository root, since
+# notebooks execute with notebooks/ as their working directory.
+PATH_PARAMETERS = ("babi_dir",)
+
+
+class ProfileError(ValueError):
+    """A profile that names unknown notebooks or parameters; lists every problem at once."""
+
+
+# --------------------------------------------------------------------------------- recorded results
+
+
+def results_dir(profile: str) -> Path:
+    return REPORTS / profile / "results"
+
+
+class Recorder:
+    """Numbers a notebook records for the index, the findings notebook and the smoke tests.
+
+    ``rec = Recorder("01_baseline", profile)``; ``rec["baseline_acc"] = 0.97`` writes
+    ``reports/<profile>/results/01_baseline.json`` at once (values must be JSON-serialisable;
+    DataFrames are stored as lists of records).
+    """
+
+    def __init__(self, section: str, profile: str):
+        self.path = results_dir(profile) / f"{section}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.values: dict[str, Any] = {}
+        self.path.write_text("{}")  # nothing stale from an earlier execution survives
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if hasattr(value, "to_dict") and hasattr(value, "columns"):
+            value = json.loads(value.to_json(orient="records"))
+        self.values[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.values, indent=1, default=float))
+        os.replace(tmp, self.path)
+
+
+def read_results(profile: str, section: str) -> dict[str, Any]:
+    path = results_dir(profile) / f"{section}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def resolve_path(path: str) -> str:
+    """A path parameter as an absolute path; relative paths are relative to the repository root."""
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (REPO / p).resolve())
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+
+@dataclass
+class Section:
+    name: str  # e.g. "01_baseline"
+    path: Path
+    title: str
+
+    @classmethod
+    def from_path(cls, path: Path) -> Section:
+        nb = json.loads(path.read_text())
+        title = path.stem
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "markdown":
+                first = "".join(cell["source"]).strip().splitlines()[0]
+                title = first.lstrip("#").strip()
+                break
+        return cls(path.stem, path, title)
+
+
+def all_sections() -> list[Section]:
+    return [Section.from_path(p) for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))]
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    path = PARAMS / f"{name}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in PARAMS.glob("*.yaml"))
+        raise ProfileError(f"no profile {name!r}: {path} does not exist (available: {', '.join(available)})")
+    profile = yaml.safe_load(path.read_text()) or {}
+    unknown = set(profile) - set(PROFILE_KEYS)
+    if unknown:
+        raise ProfileError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: {list(PROFILE_KEYS)})")
+    return profile
+
+
+def declared_parameters(section: Section) -> dict[str, Any]:
+    import papermill
+
+    return papermill.inspect_notebook(str(section.path))
+
+
+def plan(profile_name: str, profile: dict[str, Any], sections: list[Section]) -> dict[str, dict[str, Any]]:
+    """Parameters for each section; raises ProfileError listing every unknown notebook or key."""
+    where = f"params/{profile_name}.yaml"
+    by_name = {s.name: s for s in sections}
+    declared = {s.name: declared_parameters(s) for s in sections}
+    common = profile.get("common") or {}
+    per_section = profile.get("sections") or {}
+    problems = [f"{where}: sections.{name} is not a notebook (notebooks: {', '.join(by_name)})"
+                for name in per_section if name not in by_name]
+    used = set()
+    for name, params in per_section.items():
+        for key in (params or {}):
+            if name in declared and key not in declared[name]:
+                problems.append(f"{where}: sections.{name}.{key} is not a parameter of {name}.ipynb "
+                                f"(parameters: {', '.join(declared[name])})")
+    for key in common:
+        if any(key in d for d in declared.values()):
+            used.add(key)
+        else:
+            problems.append(f"{where}: common.{key} is not a parameter of any notebook")
+    if problems:
+        raise ProfileError("\n".join(problems))
+    out = {}
+    for s in sections:
+        params = {k: v for k, v in common.items() if k in declared[s.name]}
+        params.update(per_section.get(s.name) or {})
+        if "profile" in declared[s.name]:
+            params["profile"] = profile_name
+        for key in PATH_PARAMETERS:
+            if isinstance(params.get(key), str):
+                params[key] = resolve_path(params[key])
+        out[s.name] = params
+    return out
+
+
+# ---------------------------------------------------------------------------------------- execution
+
+
+@dataclass
+class SectionRun:
+    section: Section
+    status: str = "not run"  # "ok", "failed"
+    seconds: float = 0.0
+    error: dict[str, Any] | None = None  # {"cell": index, "ename": ..., "evalue": ...}
+    html: str | None = None  # file name of the rendered page, relative to the profile folder
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def execute(section: Section, params: dict[str, Any], out_dir: Path) -> SectionRun:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out_nb = out_dir / f"{section.name}.ipynb"
+    result = SectionRun(section, parameters=params)
+    for stale in (out_nb, out_dir / f"{section.name}.html"):
+        stale.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(section.path), str(out_nb), parameters=params, kernel_name="python3",
+            cwd=str(NOTEBOOKS), progress_bar=False, log_output=False,
+        )
+        result.status = "ok"
+    except PapermillExecutionError as err:
+        result.status = "failed"
+        result.error = {"cell": err.cell_index, "exec_count": err.exec_count, "ename": err.ename, "evalue": err.evalue}
+    except Exception as err:  # the kernel died, the notebook could not be read, ...
+        result.status = "failed"
+        result.error = {"cell": None, "exec_count": None, "ename": type(err).__name__, "evalue": str(err)}
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def render_html(executed: Path, target: Path, banner: str | None, nav: str) -> None:
+    """Executed notebook -> self-contained HTML: figures inline, code folded, nothing fetched online."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="report", extra_template_basedirs=[str(TEMPLATES)])
+    exporter.exclude_input_prompt = True
+    exporter.exclude_output_prompt = True
+    nb = nbformat.read(str(executed), as_version=4)
+    body, _ = exporter.from_notebook_node(nb, resources={"report_banner": banner, "report_nav": nav})
+    target.write_text(body)
+
+
+def environment() -> dict[str, str]:
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "git commit": git("rev-parse", "--short", "HEAD") + dirty,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "platform": platform.platform(),
+    }
+
+
+def _update_state(out_dir: Path, runs: list[SectionRun]) -> dict[str, dict]:
+    path = out_dir / "sections.json"
+    state = json.loads(path.read_text()) if path.exists() else {}
+    for r in runs:
+        state[r.section.name] = {"status": r.status, "seconds": r.seconds, "error": r.error, "html": r.html,
+                                 "finished": dt.datetime.now().isoformat(timespec="seconds")}
+    path.write_text(json.dumps(state, indent=1))
+    return state
+
+
+def _from_state(section: Section, saved: dict | None) -> SectionRun:
+    if saved is None:
+        return SectionRun(section, status="not run")
+    return SectionRun(section, saved["status"], saved["seconds"], saved["error"], saved["html"])
+
+
+# ------------------------------------------------------------------------------------------- index
+
+_VERDICT_COLOURS = {"supported": "#d4edda", "not supported": "#f8d7da", "inconclusive": "#fff3cd"}
+
+
+def _findings_table(profile_name: str, runs: list[SectionRun]) -> str:
+    findings_run = next((r for r in runs if r.section.name == "08_findings"), None)
+    rows = read_results(profile_name, "08_findings").get("findings")
+    if findings_run is not None and findings_run.status != "ok":
+        return "<p><b>Findings unavailable:</b> the findings notebook failed (see below).</p>"
+    if not rows:
+        return "<p>No findings recorded (the findings notebook has not run under this profile).</p>"
+    head = "<tr><th>claim</th><th>verdict</th><th>effect [95% interval]</th><th>measured as</th></tr>"
+    body = []
+    for r in rows:
+        colour = _VERDICT_COLOURS.get(r.get("verdict"), "#eee")
+        effect = r.get("effect")
+        interval = f"{effect:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if effect is not None else "n/a"
+        body.append(f"<tr><td>{html.escape(str(r.get('claim')))}</td>"
+                    f"<td style='background:{colour}'>{html.escape(str(r.get('verdict')))}</td>"
+                    f"<td>{interval}</td><td>{html.escape(str(r.get('measure', '')))}</td></tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def write_index(out_dir: Path, profile_name: str, profile: dict, runs: list[SectionRun], env: dict, total: float) -> Path:
+    title = html.escape(profile.get("title") or "Disentangled heads")
+    banner = profile.get("banner")
+    rows = []
+    for r in runs:
+        if r.status in ("ok", "not run"):
+            status = r.status
+        else:
+            e = r.error or {}
+            where = f"cell {e.get('cell')}" if e.get("cell") is not None else "before any cell ran"
+            status = f"<b style='color:#b00'>FAILED</b> at {where}: {html.escape(str(e.get('ename')))}: {html.escape(str(e.get('evalue'))[:300])}"
+        link = f"<a href='{r.html}'>{html.escape(r.section.title)}</a>" if r.html else html.escape(r.section.title)
+        rows.append(f"<tr><td>{r.section.name}</td><td>{link}</td><td>{status}</td><td>{r.seconds:.0f} s</td></tr>")
+    env_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in env.items())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
+.banner {{ padding: 10px 14px; background: #fff3cd; border: 1px solid #e0c36a; border-radius: 4px; }}
+</style></head><body>
+<h1>{title}</h1>
+{f'<div class="banner">{html.escape(banner)}</div>' if banner else ''}
+<p>{html.escape(profile.get('description') or '')}</p>
+<h2>Findings</h2>
+<p>Each verdict is computed from the runs by the findings notebook (means and 95% intervals over seeds).</p>
+{_findings_table(profile_name, runs)}
+<h2>Sections</h2>
+<table><tr><th></th><th>section</th><th>status</th><th>time</th></tr>{''.join(rows)}</table>
+<h2>Run</h2>
+<table><tr><td>profile</td><td>{html.escape(profile_name)}</td></tr>
+<tr><td>wall time</td><td>{total / 60:.1f} min</td></tr>{env_rows}</table>
+</body></html>"""
+    path = out_dir / "index.html"
+    path.write_text(page)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m disentangle.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="default", help="params/<PROFILE>.yaml (quick, default, full)")
+    parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (e.g. 01_baseline)")
+    parser.add_argument("--babi-dir", help="directory of bAbI v1.2 files for 09_babi (overrides the profile)")
+    args = parser.parse_args(argv)
+
+    try:
+        profile = load_profile(args.profile)
+        sections = all_sections()
+        if args.only:
+            unknown = [n for n in args.only if n not in {s.name for s in sections}]
+            if unknown:
+                raise ProfileError(f"--only: {unknown} are not notebooks (notebooks: {', '.join(s.name for s in sections)})")
+            sections = [s for s in sections if s.name in args.only]
+        params = plan(args.profile, profile, sections)
+    except ProfileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.babi_dir is not None:
+        for name, p in params.items():
+            if "babi_dir" in declared_parameters(next(s for s in sections if s.name == name)):
+                p["babi_dir"] = resolve_path(args.babi_dir)
+
+    out_dir = REPORTS / args.profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    banner = profile.get("banner")
+    nav = " ".join([f"<a href='index.html'>index</a>"] + [f"<a href='{s.name}.html'>{s.name}</a>" for s in sections])
+    runs: list[SectionRun] = []
+    t0 = time.perf_counter()
+    for s in sections:
+        print(f"[{args.profile}] {s.name} ...", flush=True)
+        r = execute(s, params[s.name], out_dir)
+        executed = out_dir / f"{s.name}.ipynb"
+        if executed.exists():
+            render_html(executed, out_dir / f"{s.name}.html", banner, nav)
+            r.html = f"{s.name}.html"
+        if r.status == "ok":
+            print(f"[{args.profile}] {s.name} ok ({r.seconds:.0f} s)", flush=True)
+        else:
+            e = r.error or {}
+            print(f"[{args.profile}] {s.name} FAILED at cell {e.get('cell')}: {e.get('ename')}: {e.get('evalue')}",
+                  file=sys.stderr, flush=True)
+        runs.append(r)
+    total = time.perf_counter() - t0
+    # The index lists every section: those not run now keep the state recorded when they last ran.
+    state = _update_state(out_dir, runs)
+    shown = []
+    for s in all_sections():
+        now = next((r for r in runs if r.section.name == s.name), None)
+        shown.append(now or _from_state(s, state.get(s.name)))
+    index = write_index(out_dir, args.profile, profile, shown, environment(), total)
+    failed = [r for r in runs if r.status != "ok"]
+    print(f"[{args.profile}] report: {index} ({total / 60:.1f} min)")
+    if failed:
+        names = ", ".join(f"{r.section.name} (cell {(r.error or {}).get('cell')})" for r in failed)
+        print(f"error: {len(failed)} notebook(s) failed: {names}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

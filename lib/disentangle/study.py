@@ -1,0 +1,207 @@
+"""The study's experiments, defined once so every notebook asks for the same runs (same hash, one cache).
+
+    study = Study.from_parameters(model=..., data=..., train=..., seeds=[0, 1, 2],
+                                  sweep_weights={...}, variants={...})
+    runs, history = study.baseline()              # unconstrained, one run per seed
+    runs, history = study.sweeps()                # every constraint x weight x seed (weight 0 = baseline)
+    chosen = study.chosen_weights()               # one weight per constraint, computed from the sweeps
+    runs, _ = study.capacity({"model.d_ff": [64, 128, 256]})
+
+Run frames get two extra columns: ``constraint`` (the active constraint, or "baseline") and ``weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import MI_VARIANTS, ORTHOGONALITY_VARIANTS, ConfigError, RunConfig
+from .stats import mean_ci
+from .train import run_grid
+
+CONSTRAINTS = ("orthogonality", "mutual_information", "attention_entropy", "head_usage")
+LABELS = {
+    "baseline": "baseline",
+    "orthogonality": "orthogonality",
+    "mutual_information": "mutual information",
+    "attention_entropy": "attention entropy",
+    "head_usage": "head usage",
+}
+# The config field holding each constraint's variant, and its allowed values.
+VARIANT_FIELDS = {"orthogonality": ("orthogonality_variant", ORTHOGONALITY_VARIANTS),
+                  "mutual_information": ("mi_variant", MI_VARIANTS)}
+
+
+def constraint_of(cfg: RunConfig) -> tuple[str, float]:
+    """(name, weight) of the run's active constraint; ("baseline", 0.0) when none is."""
+    active = cfg.constraints.active()
+    if not active:
+        return "baseline", 0.0
+    if len(active) > 1:
+        return "+".join(sorted(active)), float("nan")
+    (name, weight), = active.items()
+    return name, weight
+
+
+@dataclass
+class Study:
+    base: RunConfig  # every run is this config with one constraint and/or one size changed
+    seeds: tuple[int, ...]
+    sweep_weights: dict[str, tuple[float, ...]]  # per constraint; 0.0 (the baseline) is always included
+    variants: dict[str, str] = field(default_factory=dict)  # e.g. {"orthogonality": "outputs", "mutual_information": "infonce"}
+    n_jobs: int | None = None  # parallel training processes (None = one per CPU core)
+    cache_dir: Path | None = None
+
+    @classmethod
+    def from_parameters(
+        cls,
+        model: Mapping,
+        data: Mapping,
+        train: Mapping,
+        seeds: Sequence[int],
+        sweep_weights: Mapping[str, Sequence[float]],
+        variants: Mapping[str, str] | None = None,
+        constraints: Mapping | None = None,
+        n_jobs: int = 0,
+        cache_dir: str | Path | None = None,
+    ) -> Study:
+        """Build from notebook parameters; every problem (config fields, constraint names) is reported at once."""
+        problems = []
+        try:
+            base = RunConfig.from_dict({"model": dict(model), "data": dict(data), "train": dict(train),
+                                        "constraints": dict(constraints or {})})
+        except ConfigError as err:
+            problems += err.problems
+            base = None
+        if not seeds:
+            problems.append("seeds is empty: give at least one seed")
+        problems += [f"sweep_weights: {c!r} is not a constraint (allowed: {list(CONSTRAINTS)})" for c in sweep_weights if c not in CONSTRAINTS]
+        for c, ws in sweep_weights.items():
+            problems += [f"sweep_weights.{c}: weight {w} must be >= 0" for w in ws if w < 0]
+        for c, v in (variants or {}).items():
+            if c not in VARIANT_FIELDS:
+                problems.append(f"variants: {c!r} has no variants (allowed: {list(VARIANT_FIELDS)})")
+            elif v not in VARIANT_FIELDS[c][1]:
+                problems.append(f"variants.{c}={v!r} is not one of {list(VARIANT_FIELDS[c][1])}")
+        if problems:
+            raise ConfigError(problems)
+        weights = {c: tuple(sorted({0.0, *map(float, ws)})) for c, ws in sweep_weights.items()}
+        return cls(base, tuple(seeds), weights, dict(variants or {}), n_jobs or None, Path(cache_dir) if cache_dir else None)
+
+    # ------------------------------------------------------------------------------------ configs
+
+    def config(self, constraint: str | None = None, weight: float = 0.0, seed: int = 0, **changes) -> RunConfig:
+        """The base config with one constraint at ``weight`` (and its variant), a seed and any dotted changes.
+
+        A weight of 0 gives exactly the baseline config whatever the constraint, so sweeps share the
+        baseline's cached runs.
+        """
+        cfg = self.base.replace(seed=seed, **changes)
+        if constraint is None or constraint == "baseline" or weight == 0:
+            return cfg
+        if constraint not in CONSTRAINTS:
+            raise ConfigError([f"constraint={constraint!r} is not one of {['baseline', *CONSTRAINTS]}"])
+        extra = {f"constraints.{constraint}": float(weight)}
+        if constraint in VARIANT_FIELDS and constraint in self.variants:
+            extra[f"constraints.{VARIANT_FIELDS[constraint][0]}"] = self.variants[constraint]
+        return cfg.replace(**extra)
+
+    def run(self, configs: Sequence[RunConfig], desc: str = "runs") -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``run_grid`` plus ``constraint`` and ``weight`` columns."""
+        runs, history = run_grid(configs, self.cache_dir, n_jobs=self.n_jobs, desc=desc)
+        labels = [constraint_of(c) for c in configs]
+        runs.insert(1, "constraint", [name for name, _ in labels])
+        runs.insert(2, "weight", [w for _, w in labels])
+        if len(history):
+            meta = runs[["run_id", "constraint", "weight", "seed"]].drop_duplicates("run_id")
+            history = history.merge(meta, on="run_id", how="left")
+        return runs, history
+
+    # -------------------------------------------------------------------------------- experiments
+
+    def baseline(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return self.run([self.config(seed=s) for s in self.seeds], desc="baseline")
+
+    def sweep_configs(self, constraint: str) -> list[RunConfig]:
+        if constraint not in self.sweep_weights:
+            raise ConfigError([f"no sweep_weights for {constraint!r} (have: {list(self.sweep_weights)})"])
+        return [self.config(constraint, w, s) for w in self.sweep_weights[constraint] for s in self.seeds]
+
+    def sweep(self, constraint: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Weights x seeds for one constraint; weight-0 rows are the baseline runs."""
+        runs, history = self.run(self.sweep_configs(constraint), desc=constraint)
+        runs["sweep"] = constraint
+        runs["weight"] = [c.constraints.active().get(constraint, 0.0) for c in self.sweep_configs(constraint)]
+        return runs, history
+
+    def sweeps(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """All sweeps in one grid (one progress bar, all cores busy), tagged by ``sweep``."""
+        frames = [self.sweep(c) for c in self.sweep_weights]  # cached runs load instantly; train the rest together
+        return pd.concat([f[0] for f in frames], ignore_index=True), pd.concat([f[1] for f in frames], ignore_index=True)
+
+    def train_all_sweeps(self) -> None:
+        """Train every sweep run in one parallel grid before the per-constraint frames are read."""
+        configs = [c for name in self.sweep_weights for c in self.sweep_configs(name)]
+        self.run(configs, desc="sweeps")
+
+    def chosen_weights(self, retain: float = 0.5) -> pd.DataFrame:
+        """One weight per constraint: the largest swept weight that keeps ``retain`` of the baseline's
+        accuracy above chance — it costs accuracy without destroying the model.
+
+        ``retained = (acc_w - chance) / (acc_baseline - chance)`` on mean test accuracy over seeds,
+        chance being the mean over tasks of majority-class accuracy. If no weight retains enough,
+        the smallest non-zero weight is taken (and the table says so).
+        """
+        self.train_all_sweeps()
+        runs, _ = self.sweeps()
+        chance = float(np.nanmean(runs.filter(like="chance/").iloc[0].to_numpy(dtype=float)))
+        rows = []
+        for c in self.sweep_weights:
+            r = runs[runs["sweep"] == c]
+            means = r.groupby("weight")["test_acc"].mean()
+            base = means.get(0.0, np.nan)
+            candidates = [w for w in means.index if w > 0]
+            if not candidates:
+                continue
+            retained = {w: (means[w] - chance) / (base - chance) if base > chance else np.nan for w in candidates}
+            ok = [w for w in candidates if retained[w] >= retain]
+            weight, how = (max(ok), f"largest weight retaining >= {retain:.0%} of the gain over chance") if ok else \
+                (min(candidates), f"no weight retains {retain:.0%}: smallest non-zero weight")
+            m, lo, hi = mean_ci(r.loc[r["weight"] == weight, "test_acc"])
+            rows.append({"constraint": c, "weight": weight, "test_acc": m, "ci_low": lo, "ci_high": hi,
+                         "baseline_acc": base, "retained": retained[weight], "rule": how})
+        return pd.DataFrame(rows)
+
+    def chosen_configs(self, seed: int, retain: float = 0.5) -> dict[str, RunConfig]:
+        """The baseline and each constraint at its chosen weight, for one seed."""
+        chosen = self.chosen_weights(retain)
+        out = {"baseline": self.config(seed=seed)}
+        for row in chosen.itertuples():
+            out[row.constraint] = self.config(row.constraint, row.weight, seed)
+        return out
+
+    def capacity(self, axes: Mapping[str, Sequence], retain: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """For each axis (a dotted model field) and size: the baseline and every constraint at its chosen
+        weight, all seeds. Rows carry ``axis`` and ``size``; the default size's runs are the sweep's."""
+        problems = [f"axes: {a!r} is not a model field (e.g. 'model.d_ff')" for a in axes
+                    if not a.startswith("model.") or a.split(".", 1)[1] not in self.base.model.field_names()]
+        if problems:
+            raise ConfigError(problems)
+        chosen = self.chosen_weights(retain)
+        arms = [("baseline", 0.0)] + [(r.constraint, r.weight) for r in chosen.itertuples()]
+        configs, tags = [], []
+        for axis, sizes in axes.items():
+            for size in sizes:
+                for name, weight in arms:
+                    for s in self.seeds:
+                        configs.append(self.config(name, weight, s, **{axis: size}))
+                        tags.append((axis, size))
+        runs, history = self.run(configs, desc="capacity")
+        runs["axis"] = [a for a, _ in tags]
+        runs["size"] = [s for _, s in tags]
+        runs["default_size"] = [self.base.to_dict()["model"][a.split(".", 1)[1]] for a, _ in tags]
+        return runs, history
