@@ -137,10 +137,14 @@ def declared_parameters(section: Section) -> dict[str, Any]:
 
 
 def plan(profile_name: str, profile: dict[str, Any], sections: list[Section]) -> dict[str, dict[str, Any]]:
-    """Parameters for each section; raises ProfileError listing every unknown notebook or key."""
+    """Parameters for each of ``sections``; raises ProfileError listing every unknown notebook or key.
+
+    The whole profile is checked against every notebook in notebooks/, also when only some run.
+    """
     where = f"params/{profile_name}.yaml"
-    by_name = {s.name: s for s in sections}
-    declared = {s.name: declared_parameters(s) for s in sections}
+    every = all_sections()
+    by_name = {s.name: s for s in every}
+    declared = {s.name: declared_parameters(s) for s in every}
     common = profile.get("common") or {}
     per_section = profile.get("sections") or {}
     problems = [f"{where}: sections.{name} is not a notebook (notebooks: {', '.join(by_name)})"
@@ -350,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = REPORTS / args.profile
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Kernels inherit the environment: no progress bars in executed notebooks (they would render as
+    # stderr blocks in the HTML); they still show when a notebook is run by hand.
+    os.environ["TQDM_DISABLE"] = "1"
     banner = profile.get("banner")
     nav = " ".join([f"<a href='index.html'>index</a>"] + [f"<a href='{s.name}.html'>{s.name}</a>" for s in sections])
     runs: list[SectionRun] = []

@@ -205,3 +205,50 @@ class Study:
         runs["size"] = [s for _, s in tags]
         runs["default_size"] = [self.base.to_dict()["model"][a.split(".", 1)[1]] for a, _ in tags]
         return runs, history
+
+
+def costs_vs_baseline(runs: pd.DataFrame, metrics: Sequence[str], paired: bool = True) -> pd.DataFrame:
+    """For each non-zero weight and metric: mean(metric at weight) - mean(metric at weight 0), with a 95% interval.
+
+    ``paired``: seeds are matched (same seed, same data order and initial weights) and the interval is
+    a t-interval of the per-seed differences; otherwise Welch's interval for independent groups.
+    Rows: ``constraint``, ``weight``, ``metric``, ``effect``, ``ci_low``, ``ci_high``, ``n``, ``what``.
+    """
+    from .stats import diff_ci
+
+    rows = []
+    constraint = runs["sweep"].iloc[0] if "sweep" in runs else runs["constraint"].iloc[0]
+    base = runs[runs["weight"] == 0].set_index("seed")
+    for w in sorted(x for x in runs["weight"].unique() if x > 0):
+        arm = runs[runs["weight"] == w].set_index("seed")
+        for m in metrics:
+            if paired:
+                seeds = arm.index.intersection(base.index)
+                d = (arm.loc[seeds, m] - base.loc[seeds, m]).to_numpy(dtype=float)
+                effect, lo, hi = mean_ci(d)
+                n = int(np.isfinite(d).sum())
+            else:
+                effect, lo, hi = diff_ci(arm[m], base[m])
+                n = int(arm[m].notna().sum())
+            rows.append({"constraint": constraint, "weight": w, "metric": m, "effect": effect, "ci_low": lo,
+                         "ci_high": hi, "n": n, "what": f"w={w:g} {m.replace('test_acc/', '').replace('test_acc', 'all tasks')}"})
+    return pd.DataFrame(rows)
+
+
+def accuracy_table(runs: pd.DataFrame, tasks: Sequence[str], splits: Sequence[str] = ("test", "ood")) -> pd.DataFrame:
+    """Per task (and "all"): mean accuracy over the runs' seeds with its 95% interval, per split, and chance.
+
+    Columns per split ``s``: ``s``, ``s_low``, ``s_high``; plus ``chance`` and ``n`` (finished runs).
+    """
+    rows = []
+    for task in ["all", *tasks]:
+        row: dict = {"task": task}
+        for split in splits:
+            col = f"{split}_acc" if task == "all" else f"{split}_acc/{task}"
+            if col in runs:
+                row[split], row[f"{split}_low"], row[f"{split}_high"] = mean_ci(runs[col])
+        chance_cols = [f"chance/{t}" for t in tasks] if task == "all" else [f"chance/{task}"]
+        row["chance"] = float(np.nanmean(runs[chance_cols].iloc[0].to_numpy(dtype=float))) if len(runs) else np.nan
+        row["n"] = int((runs["status"] == "finished").sum())
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("task")

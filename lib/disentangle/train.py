@@ -95,6 +95,19 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def progress_bar(**kwargs):
+    """tqdm's notebook widget when ipywidgets is installed, its text bar otherwise (tqdm.auto would warn).
+
+    The report runner sets TQDM_DISABLE=1, so rendered pages carry no progress bars.
+    """
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm import tqdm
+    return tqdm(**kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -343,11 +356,7 @@ def _fit(cfg: RunConfig, run_id: str, run_dir: Path, data: TaskData, checkpoint:
     running: dict[str, float] = {}
     n_running = 0
     status, t0 = "finished", time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.steps, initial=step, desc=run_id, leave=False)
+    bar = progress_bar(total=tc.steps, initial=step, desc=run_id, leave=False) if progress else None
     model.train()
     while step < tc.steps:
         for group in opt.param_groups:
@@ -510,9 +519,7 @@ def run_grid(
         for data_cfg in {c.data for c in todo}:
             load_data(data_cfg, cache)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(unique), initial=len(results), desc=desc, disable=not progress)
+    bar = progress_bar(total=len(unique), initial=len(results), desc=desc, disable=not progress)
     errors: dict[str, str] = {}
     if n_jobs == 1:
         for cfg in todo:
