@@ -62,3 +62,10 @@ def test_spearman_ci_monotone():
 def test_fmt():
     assert fmt(0.5, 0.4, 0.6) == "0.500 [0.400, 0.600]"
     assert fmt(0.5, float("nan"), float("nan")) == "0.500"
+
+
+@pytest.mark.parametrize("low,high,expected", [(-0.2, 0.05, "supported"), (0.15, 0.4, "not supported"),
+                                               (-0.1, 0.3, "inconclusive"), (float("nan"), 0.0, "inconclusive")])
+def test_verdict_at_most(low, high, expected):
+    from disentangle.stats import verdict_at_most
+    assert verdict_at_most(low, high, 0.1) == expected

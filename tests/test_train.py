@@ -196,3 +196,18 @@ def test_failed_run_is_recorded_when_asked(tmp_path):
     assert "max_len=8" in runs.loc[1, "error"]
     with pytest.raises(RuntimeError, match="1 of 2 runs failed"):
         run_grid([tiny(), too_short], tmp_path, n_jobs=1, progress=False)
+
+
+def test_derived_results_are_computed_once_and_recomputed_when_damaged(tmp_path):
+    res = run(tiny(), tmp_path)
+    calls = []
+
+    def compute(r):
+        calls.append(1)
+        return {"n_params": r.load_model().num_params()}
+
+    first = res.derived("params", compute)
+    again = run(tiny(), tmp_path).derived("params", compute)
+    assert first == again == {"n_params": res.metrics["params"]} and len(calls) == 1
+    (res.path / "derived" / "params.pt").write_bytes(b"garbage")
+    assert res.derived("params", compute) == first and len(calls) == 2

@@ -28,7 +28,7 @@ Per-example attention metrics (:func:`attention_metrics_from_tensors`; A = atten
 example, rows = queries, S = supporting-token indicator, K = sink indicator, Q = question tokens):
 
 ==========================  =====================================================================================
-``entropy``                 mean over real queries q of −Σ_k A[q,k] log A[q,k] / log n (as constraints.attention_entropy; 0 if n = 1)
+``entropy``                 mean over real queries q of H(A[q,·]) / log n, H = −Σ_k A log A (0 if n = 1; as the constraint)
 ``entropy_cls``             the same for the CLS row only
 ``support_mass_cls``        Σ_k A[0,k] S[k]: mass the readout query puts on supporting tokens
 ``support_mass_question``   mean over question tokens q of Σ_k A[q,k] S[k] (NaN without question tokens)
@@ -40,6 +40,18 @@ example, rows = queries, S = supporting-token indicator, K = sink indicator, Q =
 ==========================  =====================================================================================
 
 Ties in ``topk_precision`` (e.g. uniform attention) are broken by ``torch.topk`` (implementation-defined).
+
+Typical use (one model; tag each frame with ``model=`` / ``constraint=`` columns to pool several)::
+
+    model, data = result.load_model(), result.data()
+    test = data.splits["test"]
+    metrics = head_attention_metrics(model, test, data)         # (layer, head, task) rows with intervals
+    importance = head_importance(model, test, data.tasks)       # accuracy drop per head and task
+    usage = head_usage(model, test)
+    probes = probe_heads(model, test, story_factors(test), ["answer", "queried", "task"])
+    card = head_report_card(metrics, importance, usage, probes)  # one row per head
+    exclusivity(probes)                                          # DCI disentanglement / completeness
+    sparsity_vs_correctness(all_models_metrics, by="constraint") # the central figure's statistics
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ from scipy import stats as sps
 from torch import Tensor
 
 from . import stats
-from .constraints import pooled_heads
+from .constraints import estimate_pooled_head_mi, pooled_heads
 from .data import CLS, PUNCTUATION, SEP, Split, Story, TaskData, Vocab
 from .model import Encoder
 
@@ -514,7 +526,7 @@ def context_dependence(importance: pd.DataFrame, small: float = 0.01, large: flo
     ``importance_max − importance_mean`` instead.
     """
     keys = [*_model_keys(importance), "layer", "head"]
-    df = importance[importance["task"] != "all"]
+    df = importance[importance["task"] != "all"].reset_index(drop=True)
     if df.empty:
         raise ValueError("importance has no per-task rows")
     g = df.groupby(keys, sort=True)
@@ -743,6 +755,45 @@ def probe_heads(
     return probe_representations(reps, heads, factors, factor_names, cv, seed, max_examples)
 
 
+def posthoc_mi(
+    result,
+    split: Split | None = None,
+    methods: Sequence[str] = ("infonce", "club"),
+    seed: int = 0,
+    layers: Iterable[int] | None = None,
+    steps: int = 300,
+    batch_size: int = 256,
+    **kwargs,
+) -> dict[str, float]:
+    """Mutual information between heads after training, re-estimated with fresh estimators.
+
+    ``result``: a ``train.RunResult`` (its final model on its test split) or an :class:`Encoder` (then
+    ``split`` is required). Each head's output is pooled per example (mean over real tokens, as in
+    :func:`pooled_head_outputs`) over the whole split; then per method, :func:`constraints.estimate_pooled_head_mi`
+    (``"infonce"``: trained separable critic, a lower bound; ``"club"``: Cheng et al. 2020, an upper bound;
+    ``steps``, ``seed`` and ``kwargs`` go to it) gives an (H, H) matrix per analysed layer. Returns
+    ``{method: mean over layers and head pairs i<j of the estimate}`` in nats.
+    """
+    if isinstance(result, Encoder):
+        if split is None:
+            raise ValueError("posthoc_mi(model, ...) needs split= (or pass a RunResult)")
+        model = result
+    else:
+        model = result.load_model()
+        split = split if split is not None else result.data().splits["test"]
+    reps, heads = pooled_head_outputs(model, split, layers, "mean", batch_size)
+    H = model.cfg.n_heads
+    x = torch.from_numpy(reps).float()
+    pooled = [x[:, i : i + H] for i in range(0, len(heads), H)]  # per layer (N, H, d_head)
+    iu = np.triu_indices(H, k=1)
+    out = {}
+    for method in methods:
+        mats = estimate_pooled_head_mi(pooled, method, steps, seed, **kwargs)
+        values = np.concatenate([m.numpy()[iu] for m in mats])
+        out[method] = float(np.nanmean(values)) if len(values) else math.nan
+    return out
+
+
 # ----------------------------------------------------------------------------------------- exclusivity
 
 
@@ -847,13 +898,16 @@ def sparsity_vs_correctness(
     with ``model`` / ``constraint`` columns); the rows of ``task`` are used, one point per head per model.
     Sparsity of a head = 1 − an entropy column; ``sparsity`` names one or several: ``"entropy_cls"`` (the
     primary one: the readout row, the same row whose correctness is measured) and ``"entropy"`` (the
-    all-query mean that the attention-entropy constraint penalises). For each (sparsity, correctness) pair: ``rho`` = Spearman(sparsity, correctness), ``ci_low`` / ``ci_high``
-    (:func:`stats.spearman_ci`, standard error 1.06 / √(n − 3)), ``n`` heads, and ``verdict`` on the claim
-    "sparser heads are more correct" (:func:`stats.verdict`, expected sign +1, equivalence ``margin``).
-    ``by``: also one row per group (e.g. ``"constraint"``); the pooled row has group ``"all"``.
+    all-query mean that the attention-entropy constraint penalises). For each (sparsity, correctness)
+    pair: ``rho`` = Spearman(sparsity, correctness), ``ci_low`` / ``ci_high`` (:func:`stats.spearman_ci`,
+    standard error 1.06 / √(n − 3)), ``n`` heads, and ``verdict`` on the claim "sparser heads are more
+    correct" (:func:`stats.verdict`, expected sign +1, equivalence ``margin``). ``by``: also one row per
+    group (e.g. ``"constraint"``); the pooled row has group ``"all"``.
 
-    Caveat: heads of one model are not independent samples, so the interval is optimistic; intervals
-    over seeds come from :func:`model_level`.
+    ``support_mass_cls`` and ``support_excess_cls`` rank heads identically when every head was measured on
+    the same examples (the chance level ``support_share`` is then one constant); they differ on frames
+    that mix splits or tasks. Caveat: heads of one model are not independent samples, so the interval is
+    optimistic; intervals over seeds come from :func:`model_level`.
     """
     df = metrics[metrics["task"] == task] if "task" in metrics.columns else metrics
     sparsity = [sparsity] if isinstance(sparsity, str) else list(sparsity)
@@ -905,7 +959,7 @@ def head_report_card(
     card = card.merge(pick(importance)[keys + imp_cols], on=keys, how="outer")
     card = card.merge(pick(usage)[keys + ["usage_share", "usage_share_cls"]], on=keys, how="outer")
     if probes is not None and len(probes):
-        p = probes.dropna(subset=["gain"])
+        p = probes.dropna(subset=["gain"]).reset_index(drop=True)
         best = p.loc[p.groupby(keys)["gain"].idxmax(), keys + ["factor", "gain", "acc"]]
         best = best.rename(columns={"factor": "best_factor", "gain": "best_gain", "acc": "best_acc"})
         card = card.merge(best, on=keys, how="left")
@@ -995,6 +1049,7 @@ __all__ = [
     "linear_cka",
     "model_level",
     "pooled_head_outputs",
+    "posthoc_mi",
     "probe_heads",
     "probe_representations",
     "queried_entity",

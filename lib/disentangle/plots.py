@@ -144,3 +144,148 @@ def length_histogram(lengths: pd.DataFrame) -> Figure:
     ax.set_xlabel("tokens per input (CLS + story + SEP + question + SEP)")
     fig.tight_layout()
     return fig
+
+
+def mi_side_by_side(estimates: pd.DataFrame) -> Figure:
+    """Post-hoc MI estimates between heads (mean over head pairs) against weight, one panel per estimator.
+
+    Columns: ``weight``, ``seed``, ``method`` ("infonce" or "club"), ``mi`` (nats); bands over seeds.
+    """
+    methods = list(dict.fromkeys(estimates["method"]))
+    weights = sorted(estimates["weight"].unique())
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.8 * len(methods), 3.2), squeeze=False)
+    titles = {"infonce": "InfoNCE, trained critic (lower bound)", "club": "CLUB (upper bound)"}
+    for ax, method in zip(axes[0], methods):
+        m = estimates[estimates["method"] == method]
+        by_w = {k: m.loc[m["weight"] == w, "mi"].to_numpy() for k, w in enumerate(weights)}
+        _band(ax, range(len(weights)), by_w, colour("mutual_information"), method)
+        _weight_axis(ax, weights)
+        ax.set_ylabel("MI between heads (nats)")
+        ax.set_title(titles.get(method, method), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def capacity_curves(cap: pd.DataFrame, metric: str = "test_acc", ylabel: str = "test accuracy") -> Figure:
+    """Accuracy against parameter count for a capacity grid (``Study.capacity``): one panel per axis, one
+    line per arm (baseline and each constraint at its chosen weight), 95% bands over seeds, log x.
+
+    Ticks read ``size`` over the parameter count. An axis that leaves the parameter count unchanged
+    (``n_heads`` at fixed ``d_model``: narrower heads, same weights) is drawn against its size instead.
+    Dashed grey: the baseline at the default size, the level a constraint must reach to recover
+    (``capacity`` module); dotted: the default size.
+    """
+    from .capacity import BASELINE, axis_label, reference, seed_values
+
+    axes_ = list(dict.fromkeys(cap["axis"]))
+    arms = [BASELINE, *[a for a in dict.fromkeys(cap["constraint"]) if a != BASELINE]]
+    fig, axs = plt.subplots(1, len(axes_), figsize=(3.5 * len(axes_), 3.4), sharey=True, squeeze=False)
+    ref = reference(cap, metric)
+    for ax, axis in zip(axs[0], axes_):
+        sub = cap[cap["axis"] == axis]
+        default = sub["default_size"].iloc[0]
+        sizes = sorted({*sub["size"].tolist(), default})
+        params = pd.to_numeric(cap.loc[cap["size"].isin(sizes) & (cap["axis"] == axis), "params"], errors="coerce") \
+            .groupby(sub["size"]).median() if "params" in cap else pd.Series(dtype=float)
+        params = params.reindex(sizes)
+        flat = not np.isfinite(params.to_numpy(dtype=float)).all() or params.max() <= 1.01 * params.min()
+        x = {s: float(s if flat else params[s]) for s in sizes}
+        for arm in arms:
+            if not (cap["constraint"] == arm).any():
+                continue
+            values = {x[s]: seed_values(cap, arm, axis, s, metric).to_numpy(dtype=float) for s in sizes}
+            _band(ax, [x[s] for s in sizes], values, colour(arm), label(arm))
+        if np.isfinite(ref["ref"]):
+            ax.axhline(ref["ref"], color="#888888", ls="--", lw=1)
+        ax.axvline(x[default], color="#888888", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        short = axis.split(".", 1)[-1]
+        if flat:
+            ax.set_xticks([x[s] for s in sizes], [f"{s}" for s in sizes])
+            constant = f" (parameters constant: {params.iloc[0]:,.0f})" if np.isfinite(params.iloc[0]) else ""
+            ax.set_xlabel(f"{short}{constant}", fontsize=9)
+        else:
+            ax.set_xticks([x[s] for s in sizes], [f"{s}\n{params[s] / 1e3:.3g}k" for s in sizes])
+            ax.set_xlabel(f"{short} / parameters (log scale)", fontsize=9)
+        ax.set_title(axis_label(axis))
+    axs[0][0].set_ylabel(ylabel)
+    handles, names = axs[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def recovery_heatmap(table: pd.DataFrame) -> Figure:
+    """Per axis (panel), constraint (row) and task (column) of ``capacity.recovery_table(cap, tasks)`` (or
+    ``per_task_recovery``): colour = gap to the baseline at the default size left at the largest size
+    (0: matched; red: still short); text = gap at the default size -> gap at the largest size, and the
+    outcome (recovered at a size, no cost, or not reached)."""
+    axes_ = list(dict.fromkeys(table["axis"]))
+    tasks = list(dict.fromkeys(table["task"]))
+    arms = list(dict.fromkeys(table["constraint"]))
+    gaps = table[["gap_default", "gap_largest"]].to_numpy(dtype=float)
+    lim = max(0.05, float(np.nanmax(np.abs(gaps)))) if np.isfinite(gaps).any() else 0.05
+    ncols = min(2, len(axes_))
+    nrows = -(-len(axes_) // ncols)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * (1.25 * len(tasks) + 2.4) + 0.8, nrows * (0.55 * len(arms) + 1.3) + 0.4),
+                            sharey=True, squeeze=False)
+    for ax in axs.flat[len(axes_):]:
+        ax.set_visible(False)
+    for i, (ax, axis) in enumerate(zip(axs.flat, axes_)):
+        g = table[table["axis"] == axis].set_index(["constraint", "task"])
+        values = pd.DataFrame([[g["gap_largest"].get((a, t), np.nan) for t in tasks] for a in arms],
+                              index=[label(a) for a in arms], columns=["all tasks" if t == "all" else t for t in tasks])
+        text = []
+        for a in arms:
+            line = []
+            for t in tasks:
+                if (a, t) not in g.index:
+                    line.append("")
+                    continue
+                r = g.loc[(a, t)]
+                outcome = f"at {r['recovered_at']}" if r["outcome"] == "recovered" else r["outcome"]
+                line.append(f"{r['gap_default']:+.2f} → {r['gap_largest']:+.2f}\n{outcome}")
+            text.append(line)
+        sns.heatmap(values.astype(float), ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim, annot=np.array(text, dtype=object),
+                    fmt="", annot_kws={"fontsize": 8}, cbar=False, linewidths=0.5, linecolor="white")
+        ax.set_title(f"{axis.split('.', 1)[-1]} {g['default_size'].iloc[0]} → {g['largest_size'].iloc[0]}", fontsize=10)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.tick_params(axis="y", rotation=0)
+    mappable = next((c for c in axs.flat[0].collections), None)
+    fig.suptitle("Gap to the baseline at the default size: at the default size → at the largest size", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.87, 0.97))
+    if mappable is not None:
+        fig.colorbar(mappable, cax=fig.add_axes((0.89, 0.15, 0.015, 0.7)), label="gap left at the largest size")
+    return fig
+
+
+VERDICT_COLOURS = {"supported": "#2e7d32", "not supported": "#c62828", "inconclusive": "#9e9e9e"}
+
+
+def findings_forest(table: pd.DataFrame) -> Figure:
+    """Every claim's effect with its 95% interval, one panel per group (groups measure different things),
+    coloured by verdict. ``table``: findings.table(...) rows."""
+    groups = list(dict.fromkeys(table["group"]))
+    heights = [max(1, (table["group"] == g).sum()) for g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8.5, 0.42 * sum(heights) + 1.1 * len(groups)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, g in zip(axes[:, 0], groups):
+        rows = table[table["group"] == g].reset_index(drop=True)
+        y = np.arange(len(rows))
+        for i, r in rows.iterrows():
+            c = VERDICT_COLOURS.get(r["verdict"], "#9e9e9e")
+            if np.isfinite(r["effect"]):
+                lo, hi = (r["ci_low"], r["ci_high"]) if np.isfinite(r["ci_low"]) else (r["effect"], r["effect"])
+                ax.plot([lo, hi], [i, i], color=c, lw=2)
+                ax.plot(r["effect"], i, "o", color=c, ms=6)
+            else:
+                ax.text(0, i, "not measured", color=c, va="center", fontsize=8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [f"{r['claim']}  [{r['verdict']}]" for _, r in rows.iterrows()], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(g, fontsize=10, loc="left")
+    fig.tight_layout()
+    return fig

@@ -36,9 +36,10 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-NOTEBOOKS = REPO / "notebooks"
-PARAMS = REPO / "params"
-REPORTS = REPO / "reports"
+# Overridable so tests can run the pipeline in temporary folders.
+NOTEBOOKS = Path(os.environ.get("DISENTANGLE_NOTEBOOKS", REPO / "notebooks"))
+PARAMS = Path(os.environ.get("DISENTANGLE_PARAMS", REPO / "params"))
+REPORTS = Path(os.environ.get("DISENTANGLE_REPORTS", REPO / "reports"))
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PROFILE_KEYS = ("title", "banner", "description", "common", "sections")
 # Parameters whose values are paths: relative ones are taken relative to the repository root, since
@@ -247,6 +248,13 @@ def environment() -> dict[str, str]:
     }
 
 
+def _where(error: dict) -> str:
+    """Where a notebook failed, as the executed copy numbers it: cell index and execution count."""
+    if error.get("cell") is None:
+        return "before any cell ran"
+    return f"cell {error['cell']} (In [{error.get('exec_count')}])"
+
+
 def _update_state(out_dir: Path, runs: list[SectionRun]) -> dict[str, dict]:
     path = out_dir / "sections.json"
     state = json.loads(path.read_text()) if path.exists() else {}
@@ -268,23 +276,41 @@ def _from_state(section: Section, saved: dict | None) -> SectionRun:
 _VERDICT_COLOURS = {"supported": "#d4edda", "not supported": "#f8d7da", "inconclusive": "#fff3cd"}
 
 
+# Sections whose recorded "findings" rows make up the index's summary table, in this order.
+FINDINGS_SECTIONS = ("08_findings", "09_babi")
+
+
+def _fmt_effect(r: dict) -> str:
+    effect, low, high = r.get("effect"), r.get("ci_low"), r.get("ci_high")
+    if effect is None or effect != effect:  # None or NaN: not measured
+        return "n/a"
+    if low is None or high is None or low != low or high != high:
+        return f"{effect:+.3f}"
+    return f"{effect:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def _findings_table(profile_name: str, runs: list[SectionRun]) -> str:
-    findings_run = next((r for r in runs if r.section.name == "08_findings"), None)
-    rows = read_results(profile_name, "08_findings").get("findings")
-    if findings_run is not None and findings_run.status != "ok":
-        return "<p><b>Findings unavailable:</b> the findings notebook failed (see below).</p>"
-    if not rows:
-        return "<p>No findings recorded (the findings notebook has not run under this profile).</p>"
-    head = "<tr><th>claim</th><th>verdict</th><th>effect [95% interval]</th><th>measured as</th></tr>"
-    body = []
-    for r in rows:
-        colour = _VERDICT_COLOURS.get(r.get("verdict"), "#eee")
-        effect = r.get("effect")
-        interval = f"{effect:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if effect is not None else "n/a"
-        body.append(f"<tr><td>{html.escape(str(r.get('claim')))}</td>"
-                    f"<td style='background:{colour}'>{html.escape(str(r.get('verdict')))}</td>"
-                    f"<td>{interval}</td><td>{html.escape(str(r.get('measure', '')))}</td></tr>")
-    return f"<table>{head}{''.join(body)}</table>"
+    status = {r.section.name: r.status for r in runs}
+    parts = []
+    for section in FINDINGS_SECTIONS:
+        if status.get(section) == "failed":
+            parts.append(f"<p><b>{section}: findings unavailable</b>, the notebook failed (see below).</p>")
+            continue
+        rows = read_results(profile_name, section).get("findings") or []
+        if not rows:
+            continue
+        head = "<tr><th>claim</th><th>verdict</th><th>effect [95% interval]</th><th>measured as</th></tr>"
+        body = []
+        for r in rows:
+            colour = _VERDICT_COLOURS.get(r.get("verdict"), "#eee")
+            detail = f"<br><small>{html.escape(str(r['detail']))}</small>" if r.get("detail") else ""
+            body.append(f"<tr><td>{html.escape(str(r.get('claim')))}</td>"
+                        f"<td style='background:{colour}'>{html.escape(str(r.get('verdict')))}</td>"
+                        f"<td>{_fmt_effect(r)}</td><td>{html.escape(str(r.get('measure', '')))}{detail}</td></tr>")
+        parts.append(f"<h3>from {section}</h3><table>{head}{''.join(body)}</table>")
+    if not parts:
+        return "<p>No findings recorded yet (the findings notebook has not run under this profile).</p>"
+    return "".join(parts)
 
 
 def write_index(out_dir: Path, profile_name: str, profile: dict, runs: list[SectionRun], env: dict, total: float) -> Path:
@@ -296,7 +322,7 @@ def write_index(out_dir: Path, profile_name: str, profile: dict, runs: list[Sect
             status = r.status
         else:
             e = r.error or {}
-            where = f"cell {e.get('cell')}" if e.get("cell") is not None else "before any cell ran"
+            where = _where(e)
             status = f"<b style='color:#b00'>FAILED</b> at {where}: {html.escape(str(e.get('ename')))}: {html.escape(str(e.get('evalue'))[:300])}"
         link = f"<a href='{r.html}'>{html.escape(r.section.title)}</a>" if r.html else html.escape(r.section.title)
         rows.append(f"<tr><td>{r.section.name}</td><td>{link}</td><td>{status}</td><td>{r.seconds:.0f} s</td></tr>")
@@ -372,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{args.profile}] {s.name} ok ({r.seconds:.0f} s)", flush=True)
         else:
             e = r.error or {}
-            print(f"[{args.profile}] {s.name} FAILED at cell {e.get('cell')}: {e.get('ename')}: {e.get('evalue')}",
+            print(f"[{args.profile}] {s.name} FAILED at {_where(e)}: {e.get('ename')}: {e.get('evalue')}",
                   file=sys.stderr, flush=True)
         runs.append(r)
     total = time.perf_counter() - t0
@@ -386,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in runs if r.status != "ok"]
     print(f"[{args.profile}] report: {index} ({total / 60:.1f} min)")
     if failed:
-        names = ", ".join(f"{r.section.name} (cell {(r.error or {}).get('cell')})" for r in failed)
+        names = ", ".join(f"{r.section.name} ({_where(r.error or {})})" for r in failed)
         print(f"error: {len(failed)} notebook(s) failed: {names}", file=sys.stderr)
         return 1
     return 0

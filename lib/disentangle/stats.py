@@ -102,3 +102,16 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> 
     rho = float(sps.spearmanr(x, y).statistic)
     z, half = np.arctanh(np.clip(rho, -0.999999, 0.999999)), sps.norm.ppf(0.5 + level / 2) * 1.06 / math.sqrt(len(x) - 3)
     return rho, float(np.tanh(z - half)), float(np.tanh(z + half))
+
+
+def verdict_at_most(low: float, high: float, bound: float) -> str:
+    """Verdict for a claim that an effect is *at most* ``bound`` (e.g. "no more correct than before"):
+    ``supported`` when the whole interval lies below the bound, ``not supported`` when it lies above it,
+    ``inconclusive`` when it straddles it or is undefined."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "inconclusive"
+    if high < bound:
+        return "supported"
+    if low > bound:
+        return "not supported"
+    return "inconclusive"

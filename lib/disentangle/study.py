@@ -252,3 +252,44 @@ def accuracy_table(runs: pd.DataFrame, tasks: Sequence[str], splits: Sequence[st
         row["n"] = int((runs["status"] == "finished").sum())
         rows.append(row)
     return pd.DataFrame(rows).set_index("task")
+
+
+def arm_results(study: Study, retain: float = 0.5) -> list[tuple[str, float, int, object]]:
+    """(arm, weight, seed, RunResult) for the baseline and every constraint at its chosen weight, all seeds.
+
+    The runs are trained (or loaded) in one grid first, so the per-run loads below hit the cache.
+    """
+    from .train import run as cached_run
+
+    chosen = study.chosen_weights(retain)
+    arms = [("baseline", 0.0)] + [(r.constraint, r.weight) for r in chosen.itertuples()]
+    configs = [(arm, w, s, study.config(arm, w, s)) for arm, w in arms for s in study.seeds]
+    study.run([c for *_, c in configs], desc="chosen arms")
+    return [(arm, w, s, cached_run(cfg, study.cache_dir)) for arm, w, s, cfg in configs]
+
+
+def head_frames(study: Study, retain: float = 0.5) -> dict[str, pd.DataFrame]:
+    """Per-head attention metrics, ablation importance and usage of every model of :func:`arm_results`,
+    concatenated with ``model`` (run id), ``constraint`` (arm), ``weight`` and ``seed`` columns.
+
+    Each model's frames are computed once and kept with its run (``RunResult.derived``), so sections 07
+    and 08 share them.
+    """
+    from . import analysis
+
+    def compute(result) -> dict[str, pd.DataFrame]:
+        model, data = result.load_model(), result.data()
+        test = data.splits["test"]
+        return {
+            "metrics": analysis.head_attention_metrics(model, test, data, tasks=data.tasks),
+            "importance": analysis.head_importance(model, test, data.tasks),
+            "usage": analysis.head_usage(model, test, tasks=data.tasks),
+        }
+
+    frames: dict[str, list[pd.DataFrame]] = {}
+    for arm, weight, seed, result in arm_results(study, retain):
+        if result.status != "finished":
+            continue
+        for name, frame in result.derived("head_frames_v1", compute).items():
+            frames.setdefault(name, []).append(frame.assign(model=result.run_id, constraint=arm, weight=weight, seed=seed))
+    return {name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}

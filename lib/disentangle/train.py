@@ -204,6 +204,24 @@ class RunResult:
     def data(self) -> TaskData:
         return load_data(self.config.data, self.path.parent)
 
+    def derived(self, name: str, compute):
+        """A result derived from this run (e.g. head metrics), computed once and kept in the run's folder.
+
+        ``compute(result)`` must be deterministic; its value is pickled to ``derived/<name>.pt``. The
+        folder goes with the run: a retrained run (new hash or corrupted entry) recomputes it. Change
+        ``name`` when the computation changes.
+        """
+        path = self.path / "derived" / f"{name}.pt"
+        if path.exists():
+            try:
+                return torch.load(path, weights_only=False)
+            except Exception:  # a partial write: recompute
+                path.unlink(missing_ok=True)
+        value = compute(self)
+        path.parent.mkdir(exist_ok=True)
+        _atomic_save(value, path)
+        return value
+
     def row(self) -> dict:
         """One tidy row: flattened config, final metrics, status and bookkeeping."""
         return {

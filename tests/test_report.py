@@ -1,0 +1,199 @@
+"""The report pipeline: the quick profile end to end (smoke test on recorded numbers and the HTML), profile
+validation, and what happens when a notebook fails. All in temporary folders: the user's reports/ and run
+cache are never touched."""
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import yaml
+
+from conftest import REPO
+
+NOTEBOOKS = sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def run_report(profile: str, reports: Path, extra_env: dict | None = None, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DISENTANGLE_REPORTS": str(reports), "DISENTANGLE_CACHE": str(reports / "cache"),
+           **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "disentangle.report", "--profile", profile, *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    reports = tmp_path_factory.mktemp("reports")
+    proc = run_report("quick", reports)
+    assert proc.returncode == 0, f"quick report failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return reports / "quick"
+
+
+def results(folder: Path, section: str) -> dict:
+    return json.loads((folder / "results" / f"{section}.json").read_text())
+
+
+# ------------------------------------------------------------------------------ the quick profile
+
+
+@pytest.mark.slow
+def test_every_section_renders_and_the_index_links_it(quick):
+    index = (quick / "index.html").read_text()
+    for name in NOTEBOOKS:
+        assert (quick / f"{name}.html").exists(), name
+        assert f"href='{name}.html'" in index, name
+    assert "FAILED" not in index
+
+
+@pytest.mark.slow
+def test_no_error_outputs_anywhere(quick):
+    for name in NOTEBOOKS:
+        nb = nbformat.read(quick / f"{name}.ipynb", as_version=4)
+        errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, (name, errors[:1])
+        page = (quick / f"{name}.html").read_text()
+        assert "Traceback" not in page and "Error</span>" not in page, name
+
+
+@pytest.mark.slow
+def test_every_figure_is_embedded_and_nothing_is_fetched(quick):
+    for name in NOTEBOOKS:
+        nb = nbformat.read(quick / f"{name}.ipynb", as_version=4)
+        figures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+        page = (quick / f"{name}.html").read_text()
+        assert page.count('src="data:image/png;base64,') == figures, name
+        assert not re.search(r"<img[^>]+src=\"(?!data:)", page), f"{name}: an image is not embedded"
+        assert not re.search(r"<(script|link)[^>]+(src|href)=\"https?://", page), f"{name}: loads from the internet"
+        assert 'class="code-fold"' in page, f"{name}: code is not folded"
+
+
+@pytest.mark.slow
+def test_the_quick_banner_is_on_every_page(quick):
+    banner = yaml.safe_load((REPO / "params" / "quick.yaml").read_text())["banner"]
+    assert banner.split(".")[0] in (quick / "index.html").read_text()
+    for name in NOTEBOOKS:
+        assert "report-banner" in (quick / f"{name}.html").read_text(), name
+
+
+@pytest.mark.slow
+def test_recorded_numbers(quick):
+    profile = yaml.safe_load((REPO / "params" / "quick.yaml").read_text())["common"]
+    tasks, seeds = profile["data"]["tasks"], profile["seeds"]
+    sizes = results(quick, "00_tasks")["sizes"]
+    assert sizes["train"] == profile["data"]["n_train"] * len(tasks)
+    assert sizes["test"] == profile["data"]["n_test"] * len(tasks)
+
+    baseline = {row["task"]: row for row in results(quick, "01_baseline")["baseline"]}
+    assert baseline["where_person"]["n"] == len(seeds)
+    # even 200 steps of a tiny model beat always giving the most frequent answer
+    assert baseline["where_person"]["test"] > baseline["where_person"]["chance"] + 0.05
+
+    for section, constraint in [("02_orthogonality", "orthogonality"), ("03_mutual_information", "mutual_information"),
+                                ("04_attention_entropy", "attention_entropy"), ("05_head_usage", "head_usage")]:
+        costs = results(quick, section)["costs"]
+        weights = sorted({c["weight"] for c in costs})
+        assert weights == sorted(profile["sweep_weights"][constraint]), section
+        assert all(c["n"] == len(seeds) for c in costs), section
+
+    findings = results(quick, "08_findings")["findings"]
+    assert findings and all(f["verdict"] in ("supported", "not supported", "inconclusive") for f in findings)
+    claims = " ".join(f["claim"] for f in findings).lower()
+    for topic in ("degrade", "capacity", "sparse", "hurt"):
+        assert topic in claims, topic
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_cache(quick, tmp_path):
+    # Same cache, one section again: every run loads, nothing trains (wall time of the section is small).
+    reports = quick.parent
+    proc = run_report("quick", reports, None, "--only", "02_orthogonality")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((quick / "sections.json").read_text())
+    assert state["02_orthogonality"]["status"] == "ok"
+    assert state["02_orthogonality"]["seconds"] < 60
+
+
+# -------------------------------------------------------------------------- profiles and failures
+
+
+def test_notebook_defaults_match_the_default_profile():
+    """Running a notebook by hand (no papermill parameters) reproduces the default profile."""
+    profile = yaml.safe_load((REPO / "params" / "default.yaml").read_text())
+    for name in NOTEBOOKS:
+        declared = papermill.inspect_notebook(str(REPO / "notebooks" / f"{name}.ipynb"))
+        wanted = {**profile["common"], **(profile.get("sections") or {}).get(name, {})}
+        for key, value in wanted.items():
+            if key in declared:
+                default = ast.literal_eval(declared[key]["default"])
+                assert default == value, f"{name}.{key}: notebook default {default!r} != params/default.yaml {value!r}"
+
+
+def test_every_notebook_has_one_typed_commented_parameters_cell():
+    for name in NOTEBOOKS:
+        nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, name
+        for line in tagged[0].source.splitlines():
+            if line.strip():
+                assert re.match(r"^\w+: [\w\[\], ]+ = .+  # .+", line), f"{name}: untyped or uncommented: {line}"
+
+
+def write_notebook(path: Path, code: list[str]) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {path.stem}")]
+    params = nbformat.v4.new_code_cell("x: int = 1  # a parameter")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells += [params] + [nbformat.v4.new_code_cell(c) for c in code]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def toy_project(tmp_path):
+    notebooks, params, reports = tmp_path / "notebooks", tmp_path / "params", tmp_path / "reports"
+    notebooks.mkdir()
+    params.mkdir()
+    write_notebook(notebooks / "00_ok.ipynb", ["print(x)"])
+    write_notebook(notebooks / "01_fails.ipynb", ["y = x + 1", "raise ValueError('deliberate failure')"])
+    (params / "toy.yaml").write_text("title: toy\ncommon: {x: 2}\n")
+    env = {"DISENTANGLE_NOTEBOOKS": str(notebooks), "DISENTANGLE_PARAMS": str(params)}
+    return params, reports, env
+
+
+def test_a_failing_notebook_fails_the_run_and_shows_in_the_index(toy_project):
+    params, reports, env = toy_project
+    (reports / "toy").mkdir(parents=True)
+    (reports / "toy" / "01_fails.html").write_text("STALE RESULTS")
+    proc = run_report("toy", reports, env)
+    assert proc.returncode == 1
+    assert re.search(r"01_fails.*cell \d+ \(In \[\d+\]\)", proc.stderr), proc.stderr[-2000:]
+    assert "deliberate failure" in proc.stderr
+    index = (reports / "toy" / "index.html").read_text()
+    assert "FAILED" in index and "deliberate failure" in index
+    assert "STALE RESULTS" not in (reports / "toy" / "01_fails.html").read_text()
+    state = json.loads((reports / "toy" / "sections.json").read_text())
+    assert state["00_ok"]["status"] == "ok" and state["01_fails"]["status"] == "failed"
+
+
+def test_unknown_profile_keys_are_refused_before_anything_runs(toy_project):
+    params, reports, env = toy_project
+    (params / "bad.yaml").write_text(textwrap.dedent("""
+        title: bad
+        common: {x: 2, y: 3}
+        sections: {00_ok: {z: 1}, 02_missing: {}}
+    """))
+    proc = run_report("bad", reports, env)
+    assert proc.returncode == 2
+    for problem in ("common.y is not a parameter of any notebook", "sections.00_ok.z is not a parameter of 00_ok.ipynb",
+                    "sections.02_missing is not a notebook"):
+        assert problem in proc.stderr, problem
+    assert not (reports / "bad").exists()
+    missing = run_report("nope", reports, env)
+    assert missing.returncode == 2 and "no profile 'nope'" in missing.stderr
