@@ -66,7 +66,7 @@ def test_rare_head_task_is_computed_from_usage_and_importance():
 
 
 def test_sparse_not_correct_reads_the_spearman_row_and_the_paired_model_change():
-    spearman = pd.DataFrame([{"sparsity": "entropy_cls", "correctness": "support_excess_cls", "group": "all",
+    spearman = pd.DataFrame([{"sparsity": "1 - entropy_cls", "correctness": "support_excess_cls", "constraint": "all",
                               "rho": -0.3, "ci_low": -0.5, "ci_high": -0.05, "n": 40}])
     metrics = []
     for arm, entropy, excess in [("baseline", 0.8, 0.30), ("attention_entropy", 0.3, 0.25)]:
@@ -82,6 +82,8 @@ def test_sparse_not_correct_reads_the_spearman_row_and_the_paired_model_change()
     # and a positive correlation over heads refutes (a)
     positive = spearman.assign(rho=0.5, ci_low=0.3, ci_high=0.7)
     assert findings.sparse_not_correct(pd.DataFrame(metrics), positive)[0]["verdict"] == "not supported"
+    # a missing correlation is reported, not silently dropped
+    assert "not testable" in findings.sparse_not_correct(pd.DataFrame(metrics), spearman.iloc[0:0])[0]["detail"]
 
 
 def test_table_has_the_columns_the_index_reads():

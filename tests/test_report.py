@@ -104,9 +104,8 @@ def test_recorded_numbers(quick):
 
     findings = results(quick, "08_findings")["findings"]
     assert findings and all(f["verdict"] in ("supported", "not supported", "inconclusive") for f in findings)
-    claims = " ".join(f["claim"] for f in findings).lower()
-    for topic in ("degrade", "capacity", "sparse", "hurt"):
-        assert topic in claims, topic
+    assert {f["group"] for f in findings} == {"accuracy cost", "capacity", "sparse vs correct", "where it hurts"}
+    assert sum(f["group"] == "capacity" for f in findings) == len(profile["axes"])  # one claim per capacity axis
 
 
 @pytest.mark.slow

@@ -272,7 +272,9 @@ def _gains(cap: pd.DataFrame, arm: str, axis: str, largest, metric: str) -> pd.S
 
 
 def _ci_words(n: int) -> str:
-    return "one seed: no interval" if n < 2 else f"mean and 95% t-interval over {n} seeds"
+    if n == 0:
+        return "mean and 95% t-interval over seeds (no finished pair of runs here)"
+    return "one seed: no interval" if n == 1 else f"mean and 95% t-interval over {n} seeds"
 
 
 def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float = 0.01,

@@ -89,15 +89,19 @@ def sparse_not_correct(metrics: pd.DataFrame, spearman: pd.DataFrame, bound: flo
         below 0) and then its support mass above chance must not rise by more than ``margin``.
     """
     out = []
-    primary = spearman[(spearman["sparsity"] == "entropy_cls") & (spearman["correctness"] == "support_excess_cls")]
-    if "group" in primary:
-        primary = primary[primary["group"] == "all"]
+    over_heads = "sparser attention is not more correct (over heads)"
+    primary = spearman[(spearman["sparsity"] == "1 - entropy_cls") & (spearman["correctness"] == "support_excess_cls")]
+    for pooled_by in ("group", "constraint"):  # with a `by=` grouping, the pooled row is labelled "all"
+        if pooled_by in primary:
+            primary = primary[primary[pooled_by] == "all"]
     if len(primary):
         s = primary.iloc[0]
-        out.append(row("sparse vs correct", "sparser attention is not more correct (over heads)", s["rho"], s["ci_low"], s["ci_high"],
+        out.append(row("sparse vs correct", over_heads, s["rho"], s["ci_low"], s["ci_high"],
                        verdict_at_most(s["ci_low"], s["ci_high"], bound),
                        f"Spearman rho between 1 − readout entropy and support mass above chance, {int(s['n'])} heads",
                        f"'not more correct' = interval below rho = {bound:g}"))
+    else:
+        out.append(untestable("sparse vs correct", over_heads, "no pooled readout-entropy correlation in the input"))
     per_model = (metrics[metrics["task"] == "all"]
                  .groupby(["model", "constraint", "seed"])[["entropy", "support_excess_cls", "topk_precision"]]
                  .mean().reset_index())

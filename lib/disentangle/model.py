@@ -178,9 +178,12 @@ class Attention(nn.Module):
         W = torch.cat([self.W_Q, self.W_K, self.W_V]).permute(1, 0, 2).reshape(d, 3 * H * dh)
         flat = x.reshape(B * T, d)
         qkv = flat @ W if self.b_QKV is None else torch.addmm(self.b_QKV, flat, W)
-        q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, dh)
-        if self.rope_cos is not None:
-            q, k = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T]), apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
+        qkv = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # (3, B, H, T, dh)
+        if self.rope_cos is not None:  # rotate q and k in one call (half the small ops)
+            qk = apply_rope(qkv[:2], self.rope_cos[:T], self.rope_sin[:T])
+            (q, k), v = qk.unbind(0), qkv[2]  # each (B, H, T, dh)
+        else:
+            q, k, v = qkv.unbind(0)
         store: dict[str, torch.Tensor] = {}
         p_drop = self.dropout if self.training else 0.0
         if "attn" in capture:

@@ -289,3 +289,141 @@ def findings_forest(table: pd.DataFrame) -> Figure:
         ax.set_title(g, fontsize=10, loc="left")
     fig.tight_layout()
     return fig
+
+
+def attention_grid(panels: dict[str, dict], heads: Sequence[tuple[int, int]]) -> Figure:
+    """Attention heatmaps of one story: one row per model (``panels``: arm -> analysis.attention_for_story
+    output), one column per head; tokens on both axes (rows = queries), supporting tokens in red and
+    marked with a bar beside each axis."""
+    arms = list(panels)
+    first = panels[arms[0]]
+    T = len(first["tokens"])
+    size = max(2.6, 0.16 * T)
+    fig, axes = plt.subplots(len(arms), len(heads), figsize=(size * len(heads), size * len(arms)), squeeze=False)
+    support = np.asarray(first["support_mask"], dtype=bool)
+    for i, arm in enumerate(arms):
+        p = panels[arm]
+        for j, head in enumerate(heads):
+            ax = axes[i, j]
+            ax.imshow(p["attn"][tuple(head)], cmap="viridis", vmin=0, vmax=1, aspect="equal", interpolation="nearest")
+            ax.set_xticks(range(T), p["tokens"], rotation=90, fontsize=6)
+            ax.set_yticks(range(T), p["tokens"], fontsize=6)
+            for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+                for k, tl in enumerate(tick_labels):
+                    if support[k]:
+                        tl.set_color("#d62728")
+                        tl.set_fontweight("bold")
+            for k in np.flatnonzero(support):  # a thin red bar outside the matrix marks supporting tokens
+                ax.plot([k - 0.5, k + 0.5], [T - 0.3, T - 0.3], color="#d62728", lw=3, clip_on=False)
+                ax.plot([-0.7, -0.7], [k - 0.5, k + 0.5], color="#d62728", lw=3, clip_on=False)
+            verdict = "correct" if p["correct"] else "wrong"
+            ax.set_title(f"{label(arm)} · L{head[0]}H{head[1]} ({verdict})", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sparsity_correctness(metrics: pd.DataFrame, rho: dict | None = None, task: str = "all") -> Figure:
+    """The central figure: per head (of every model), sparsity (1 − readout-row entropy) against correctness
+    (support mass above chance from the readout query), coloured by constraint; ``rho``: the pooled
+    Spearman row (rho, ci_low, ci_high, n) shown in the title."""
+    df = metrics[metrics["task"] == task] if "task" in metrics else metrics
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for arm, g in df.groupby("constraint", sort=False):
+        ax.scatter(1 - g["entropy_cls"], g["support_excess_cls"], s=18, alpha=0.75, color=colour(str(arm)), label=label(str(arm)))
+    ax.axhline(0, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("sparsity of the readout query's attention (1 − normalised entropy)")
+    ax.set_ylabel("support mass above chance")
+    if rho is not None and np.isfinite(rho.get("rho", np.nan)):
+        ax.set_title(f"Spearman ρ = {rho['rho']:.2f} [{rho['ci_low']:.2f}, {rho['ci_high']:.2f}], {int(rho['n'])} heads", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def importance_by_task(importance: pd.DataFrame) -> Figure:
+    """Accuracy drop when each head is ablated, per task (columns) and head (rows), one panel per arm;
+    mean over the arm's models (seeds), which share architecture but not head identities: read it as the
+    distribution of importance, not as a head-by-head match."""
+    df = importance[importance["task"] != "all"]
+    arms = list(dict.fromkeys(df["constraint"]))
+    fig, axes = plt.subplots(1, len(arms), figsize=(2.6 * len(arms), 3.6), squeeze=False, sharey=True)
+    vmax = max(0.05, float(df["importance"].abs().max()))
+    for ax, arm in zip(axes[0], arms):
+        g = df[(df["constraint"] == arm) & (df["seed"] == df.loc[df["constraint"] == arm, "seed"].min())]
+        mat = g.pivot_table(index=["layer", "head"], columns="task", values="importance")
+        sns.heatmap(mat, ax=ax, cmap="RdBu_r", center=0, vmin=-vmax, vmax=vmax, cbar=ax is axes[0, -1],
+                    annot=len(mat) <= 16, fmt=".2f", annot_kws={"fontsize": 6})
+        ax.set_title(label(arm), fontsize=9)
+        ax.set_ylabel("(layer, head)" if ax is axes[0, 0] else "")
+    fig.suptitle("Accuracy drop when a head is zeroed (first seed of each arm)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def similarity_matrices(matrices: dict[str, np.ndarray]) -> Figure:
+    """One (H, H) head-similarity matrix per arm (cosine of attention rows, mean over real queries)."""
+    arms = list(matrices)
+    fig, axes = plt.subplots(1, len(arms), figsize=(2.5 * len(arms), 2.6), squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        sns.heatmap(matrices[arm], ax=ax, vmin=0, vmax=1, cmap="mako", square=True, cbar=ax is axes[0, -1])
+        ax.set_title(label(arm), fontsize=9)
+    fig.suptitle("Pairwise similarity of heads' attention (first seed, last layer)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ 09_babi (real bAbI)
+
+
+def _grouped_bars(ax, table: pd.DataFrame, value: str, low: str, high: str, groups: Sequence[str]) -> tuple[np.ndarray, float]:
+    """Bars of ``value`` per group (x) and arm (``constraint``, ``weight``: one colour each) with [low, high]
+    whiskers; returns the group positions and the bar width."""
+    arms_ = list(dict.fromkeys(zip(table["constraint"], table["weight"])))
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(arms_))
+    for i, (arm, weight) in enumerate(arms_):
+        g = table[(table["constraint"] == arm) & (table["weight"] == weight)].set_index("task").reindex(groups)
+        v = g[value].to_numpy(float)
+        err = np.vstack([v - g[low].to_numpy(float), g[high].to_numpy(float) - v])
+        name = label(arm) if arm == "baseline" else f"{label(arm)} (w={weight:g})"
+        ax.bar(x - 0.4 + width * (i + 0.5), v, width, color=colour(arm), alpha=0.8, label=name)
+        ax.errorbar(x - 0.4 + width * (i + 0.5), v, yerr=np.nan_to_num(np.abs(err)), fmt="none", ecolor="black",
+                    capsize=2, lw=0.8)
+    ax.set_xticks(x, groups)
+    return x, width
+
+
+def babi_errors(errors: pd.DataFrame, tasks: Sequence[str], references: pd.DataFrame | None = None) -> Figure:
+    """Test error (%) per bAbI task and its mean: one bar per arm (95% interval over seeds as whiskers),
+    published reference columns as markers. ``errors``: ``babi_report.error_table``; ``references``:
+    ``babi_report.reference_table`` (rows = tasks and "mean", one column per reference)."""
+    groups = [*tasks, "mean"]
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.2 * len(groups) + 1.5), 5.0))
+    x, _ = _grouped_bars(ax, errors, "error", "ci_low", "ci_high", groups)
+    markers = ["D", "^", "s", "v", "P"]
+    if references is not None:
+        for k, col in enumerate(references.columns):
+            ax.scatter(x, references[col].reindex(groups).to_numpy(float), marker=markers[k % len(markers)],
+                       color="black", facecolor="white" if k % 2 else "black", s=28, zorder=5, label=f"published: {col}")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("bAbI test error per task (bars: mean over seeds, whiskers: 95% interval)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def babi_support_mass(table: pd.DataFrame, tasks: Sequence[str], value: str = "support_mass") -> Figure:
+    """Attention mass of the readout query on bAbI's supporting sentences, per task and arm (mean over
+    global heads, 95% interval over seeds), with the chance level (uniform attention) as a black dash.
+    ``table``: ``babi_report.support_table``."""
+    groups = [*tasks, "mean"]
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.2 * len(groups) + 1.5), 4.6))
+    x, _ = _grouped_bars(ax, table, value, f"{value}_low", f"{value}_high", groups)
+    chance = table.groupby("task")["chance"].mean().reindex(groups).to_numpy(float)
+    ax.hlines(chance, x - 0.45, x + 0.45, colors="black", lw=1.6, label="chance (uniform attention)")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mass on supporting tokens")
+    ax.set_title("Readout attention on the supporting facts (mean over global heads)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
