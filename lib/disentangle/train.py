@@ -478,6 +478,19 @@ def _run_in_worker(cfg_dict: dict, cache_dir: str, threads: int | None) -> tuple
         return run_hash(cfg), traceback.format_exc()
 
 
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _worker_pool(n_jobs: int) -> ProcessPoolExecutor:
+    """One pool of ``n_jobs`` spawned workers per process, kept across grids: starting a worker (a fresh
+    interpreter importing torch) costs seconds, and a notebook calls run_grid many times. Spawned, not
+    forked: forking a process whose torch thread pools are initialised can deadlock."""
+    pool = _POOLS.get(n_jobs)
+    if pool is None or getattr(pool, "_broken", False):
+        pool = _POOLS[n_jobs] = ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn"))
+    return pool
+
+
 def _failed(cfg: RunConfig, cache: Path, error: str) -> RunResult:
     run_id = run_hash(cfg)
     return RunResult(cfg, run_id, cache / run_id, "failed", {"test_acc": float("nan")}, pd.DataFrame(), 0.0, error=error)
@@ -550,13 +563,13 @@ def run_grid(
             bar.update(1)
     else:
         # Spawned workers: forking a process whose torch thread pools are initialised can deadlock.
-        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_in_worker, cfg.to_dict(), str(cache), threads) for cfg in todo]
-            for fut in as_completed(futures):
-                run_id, err = fut.result()
-                if err:
-                    errors[run_id] = err
-                bar.update(1)
+        pool = _worker_pool(n_jobs)
+        futures = [pool.submit(_run_in_worker, cfg.to_dict(), str(cache), threads) for cfg in todo]
+        for fut in as_completed(futures):
+            run_id, err = fut.result()
+            if err:
+                errors[run_id] = err
+            bar.update(1)
     bar.close()
     for cfg in todo:
         run_id = run_hash(cfg)
