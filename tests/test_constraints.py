@@ -26,7 +26,8 @@ from disentangle.constraints import (
     orthogonality_weights,
     pooled_heads,
 )
-from disentangle.model import Encoder, ModelConfig
+from disentangle.model import Encoder, EncoderOutput, ModelConfig
+from torch import Tensor
 
 
 @pytest.fixture(autouse=True)
@@ -313,7 +314,7 @@ def test_weights_orthogonality_reaches_only_the_projections_it_names(model_batch
 
 def club_constraints(seed: int = 0, **overrides) -> Constraints:
     torch.manual_seed(seed)
-    cfg = ConstraintConfig(mutual_information=1.0, mi_variant="club", club_hidden=8, club_lr=1e-2, **overrides)
+    cfg = ConstraintConfig(mutual_information=1.0, mi_variant="club", mi_hidden=8, mi_lr=1e-2, **overrides)
     return Constraints(cfg, SMALL)
 
 
@@ -331,7 +332,7 @@ def rig_identity_q(club: CLUB) -> None:
 
 def test_club_model_side_loss_does_not_update_q(model_batch):
     model, tokens, pad = model_batch
-    constraints = club_constraints()  # club_hidden = 8 = 2 · d_head
+    constraints = club_constraints()  # mi_hidden = 8 = 2 · d_head
     rig_identity_q(constraints.club)
     before = copy.deepcopy(constraints.club.state_dict())
     out = model(tokens, pad, capture=constraints.captures)
@@ -439,7 +440,7 @@ def test_club_state_dict_round_trip_gives_identical_continuation(model_batch):
     for a, b in zip(first.club.parameters(), second.club.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(first.loss(out, pad, model)[0], second.loss(out, pad, model)[0])
-    with pytest.raises(ValueError, match="no CLUB"):
+    with pytest.raises(ValueError, match="no MI estimator"):
         Constraints(ConstraintConfig(), SMALL).load_state_dict(state)
 
 
@@ -448,10 +449,10 @@ def test_measure_reports_every_constraint_and_formulas_cover_them(model_batch):
     out = model(tokens, pad, capture=MEASURE_CAPTURES)
     values = measure(out, pad, model)
     main = {k for k in values if "/" not in k and not k.startswith("orthogonality_weights_")}
-    assert main == {"orthogonality_outputs", "orthogonality_weights", "orthogonality_attention", "infonce",
+    assert main == {"orthogonality_outputs", "orthogonality_weights", "orthogonality_attention",
                     "attention_entropy", "head_usage"}
     assert all(math.isfinite(v) for v in values.values())
-    assert main | {"club"} == set(FORMULAS)
+    assert main | {"infonce", "club"} == set(FORMULAS)  # MI needs a trained estimator: estimate_head_mi
     assert not any("$" in f or "\\" in f for f in FORMULAS.values())  # Unicode math, no LaTeX
     mistune = pytest.importorskip("mistune")  # nbconvert's Markdown renderer
     for formula in FORMULAS.values():  # the bold title renders, and no stray _ or * turns into emphasis
@@ -514,3 +515,55 @@ def test_default_layers_are_the_global_ones():
     default = measure(out, pad, model)
     assert default["attention_entropy"] == pytest.approx(measure(out, pad, model, layers=(1, 2))["attention_entropy"])
     assert default["attention_entropy"] != pytest.approx(measure(out, pad, model, layers=(0,))["attention_entropy"])
+
+
+
+def heads_batch(shared: bool, seed: int, B: int = 64) -> tuple[list[Tensor], Tensor]:
+    """One layer, two heads, one token each, a fresh batch per seed: head 1 = a fixed rotation of head 0
+    (fully dependent, yet not cosine-aligned with it), or independent noise."""
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(99))).Q
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 4, generator=g)
+    y = x @ rotation if shared else torch.randn(B, 4, generator=g)
+    head_out = torch.stack([x, y], 1)[:, :, None, :]  # (B, H=2, T=1, d_head=4)
+    return [head_out], torch.zeros(B, 1, dtype=torch.bool)
+
+
+def as_output(head_out: list[Tensor], B: int) -> EncoderOutput:
+    return EncoderOutput(torch.zeros(B, 2), frozenset({"head_out"}), [{"head_out": head_out[0]}])
+
+
+def trained_infonce(shared: bool, steps: int = 200) -> Constraints:
+    """The InfoNCE constraint after its critic took ``steps`` alternating steps, one fresh batch each (as in training)."""
+    torch.manual_seed(0)
+    cfg = ConstraintConfig(mutual_information=1.0, mi_variant="infonce", mi_hidden=16, mi_lr=1e-2)
+    constraints = Constraints(cfg, ModelConfig(vocab_size=5, n_classes=2, d_model=8, n_heads=2, n_layers=1, local_layers=0))
+    for step in range(steps):
+        head_out, pad = heads_batch(shared, seed=step)
+        constraints.auxiliary_step(as_output(head_out, len(pad)), pad)
+    return constraints
+
+
+def test_the_trained_infonce_critic_sees_dependence_that_a_fixed_cosine_critic_misses():
+    head_out, pad = heads_batch(shared=True, seed=10_000)  # a batch no critic trained on
+    fixed = infonce_mi(head_out, pad, temperature=0.1).loss
+    assert fixed.item() < 0.5  # a rotation defeats the cosine of the raw outputs
+    trained = trained_infonce(shared=True).loss(as_output(head_out, len(pad)), pad, None)[1]["mutual_information"]
+    assert trained > 2.0  # log 64 = 4.16 is the ceiling
+    independent, pad_i = heads_batch(shared=False, seed=10_000)
+    blind = trained_infonce(shared=False).loss(as_output(independent, len(pad_i)), pad_i, None)[1]["mutual_information"]
+    assert blind < 0.5
+
+
+def test_the_infonce_loss_reaches_the_heads_but_not_the_critic():
+    constraints = trained_infonce(shared=True, steps=50)
+    head_out, pad = heads_batch(shared=True, seed=10_000)
+    head_out = [head_out[0].clone().requires_grad_(True)]
+    constraints.estimator.zero_grad(set_to_none=True)  # left over from the critic's own last step
+    penalty, _ = constraints.loss(as_output(head_out, len(pad)), pad, None)
+    penalty.backward()
+    assert head_out[0].grad is not None and head_out[0].grad.abs().sum() > 0
+    assert all(p.grad is None for p in constraints.estimator.parameters())
+    again = trained_infonce(shared=True, steps=0)
+    again.load_state_dict(copy.deepcopy(constraints.state_dict()))
+    torch.testing.assert_close(again.loss(as_output(head_out, len(pad)), pad, None)[0], penalty.detach())

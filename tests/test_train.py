@@ -211,3 +211,20 @@ def test_derived_results_are_computed_once_and_recomputed_when_damaged(tmp_path)
     assert first == again == {"n_params": res.metrics["params"]} and len(calls) == 1
     (res.path / "derived" / "params.pt").write_bytes(b"garbage")
     assert res.derived("params", compute) == first and len(calls) == 2
+
+
+def test_interrupting_a_parallel_grid_stops_its_workers(tmp_path, monkeypatch):
+    """KeyboardInterrupt while waiting: the pool's workers are terminated, nothing trains in the background."""
+    from disentangle import train as T
+
+    def interrupted(futures):
+        raise KeyboardInterrupt
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(T, "as_completed", interrupted)
+    configs = [tiny(seed=s, **{"train.steps": 4000}) for s in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(configs, tmp_path, n_jobs=2, progress=False)
+    assert 2 not in T._POOLS
+    time.sleep(1.0)
+    assert not any((tmp_path / run_hash(c) / "result.json").exists() for c in configs)

@@ -22,7 +22,7 @@ from .schema import Config, ConfigError, at_least, one_of, positive
 
 # Bump when a change to the code changes what a run computes (training loop, losses, data): old cache
 # entries then stop matching instead of being silently reused.
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 
 PROCEDURAL_TASKS = ("where_person", "where_object", "coreference", "counting", "majority", "deduction")
 
@@ -121,9 +121,11 @@ class ConstraintConfig(Config):
     orthogonality_on: str = "qkv"  # for variant "weights": which projections, any of "q", "k", "v"
     mutual_information: float = 0.0
     mi_variant: str = "infonce"  # "infonce" (lower bound, minimised) or "club" (upper bound, Cheng et al. 2020)
-    mi_temperature: float = 0.1  # InfoNCE critic: cosine similarity / temperature
-    club_hidden: int = 32  # hidden width of CLUB's variational network q(y|x)
-    club_lr: float = 1e-3  # learning rate of that network, trained in alternation with the model
+    mi_temperature: float = 0.1  # InfoNCE critic: cosine similarity of learned projections / temperature
+    # Both estimators need a trained network (InfoNCE's critic, CLUB's q), one per head pair, trained in
+    # alternation with the model: a fixed critic cannot see dependence between heads' different bases.
+    mi_hidden: int = 32  # hidden (and, for InfoNCE, embedding) width of that network
+    mi_lr: float = 1e-3  # its learning rate
     attention_entropy: float = 0.0
     head_usage: float = 0.0
     layers: tuple[int, ...] = ()  # layers the constraints act on; empty = every global (not sentence-local) layer
@@ -137,8 +139,8 @@ class ConstraintConfig(Config):
             p.append(f"orthogonality_on={self.orthogonality_on!r} must be a non-empty combination of 'q', 'k', 'v'")
         p += one_of("mi_variant", self.mi_variant, MI_VARIANTS)
         p += positive("mi_temperature", self.mi_temperature)
-        p += positive("club_hidden", self.club_hidden)
-        p += positive("club_lr", self.club_lr)
+        p += positive("mi_hidden", self.mi_hidden)
+        p += positive("mi_lr", self.mi_lr)
         p += [f"layers: {layer} must be >= 0" for layer in self.layers if layer < 0]
         return p
 

@@ -81,8 +81,9 @@ FORMULAS: dict[str, str] = {
     ),
     "infonce": (
         "**InfoNCE mutual information** (minimised) — per layer and head pair i<j, pooled head outputs "
-        "xₙ = mean over real tokens of zᵢ, yₙ = same for zⱼ (n = 1…N samples of the batch); critic "
-        "s(a, b) = cos(a, b) / τ; I_NCE = log N + (1/N) Σₙ [ s(xₙ, yₙ) − log Σₘ exp s(xₙ, yₘ) ]. "
+        "xₙ = mean over real tokens of zᵢ, yₙ = same for zⱼ (n = 1…N samples of the batch), standardised; critic "
+        "s(a, b) = cos(g(a), h(b)) / τ with small networks g, h per pair, trained in alternation to maximise "
+        "I_NCE = log N + (1/N) Σₙ [ s(xₙ, yₙ) − log Σₘ exp s(xₙ, yₘ) ] while the model minimises it. "
         "L = mean over layers and pairs of max(I_NCE, 0). A lower bound on I(x; y), never above log N."
     ),
     "club": (
@@ -383,12 +384,19 @@ def infonce_bound(x: Tensor, y: Tensor, critic: nn.Module | None = None, tempera
 
 
 @_full_precision
-def infonce_mi(head_out: list[Tensor], padding_mask: Tensor, temperature: float) -> ConstraintResult:
+def infonce_mi(
+    head_out: list[Tensor], padding_mask: Tensor, temperature: float, critic: CosineCritic | None = None
+) -> ConstraintResult:
     """InfoNCE estimate of the mutual information between heads of a layer, to be minimised.
 
     head_out: per layer (B, H, T, d_head); padding_mask: (B, T). For each layer and head pair i<j,
     x_n = pooled head i, y_n = pooled head j of sample n (mean over its real tokens, :func:`pooled_heads`),
-    N = B, critic s(a, b) = cos(a, b) / τ:
+    N = B. With a trained ``critic`` (:class:`CosineCritic`, one per pair, what training uses), x and y
+    are standardised over the batch and s(a, b) = cos(g(a), h(b)) / τ with the critic's learned g, h
+    (frozen here: this loss sends no gradient to it). Without one, s(a, b) = cos(a, b) / τ on the raw
+    pooled outputs, which is blind to dependence between heads whose outputs live in different bases
+    (on trained models it sits at or below 0 whatever the heads share): kept for tests and as a
+    reference, not as a training signal.
 
         I_NCE = log N + (1/N) Σ_n [ s(x_n, y_n) − logsumexp_m s(x_n, y_m) ]
         L     = mean over layers and pairs of max(I_NCE, 0)
@@ -407,7 +415,10 @@ def infonce_mi(head_out: list[Tensor], padding_mask: Tensor, temperature: float)
     ``log_n`` (the ceiling).
     """
     x, y = _head_pairs(head_out, padding_mask)
-    est = infonce_bound(x, y, temperature=temperature)  # (L·P,)
+    if critic is None:
+        est = infonce_bound(x, y, temperature=temperature)  # (L·P,)
+    else:
+        est = infonce_bound(_standardise(x), _standardise(y), critic=lambda a, b: critic(a, b, frozen=True))
     diagnostics = _floats(raw_mean=_pair_mean(est), max_pair=_max(est), log_n=torch.tensor(math.log(x.shape[1])))
     return ConstraintResult(_pair_mean(est.clamp_min(0.0)), None, diagnostics)
 
@@ -447,6 +458,28 @@ class SeparableCritic(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return self.g(x) @ self.h(y).transpose(-1, -2)
+
+
+class CosineCritic(nn.Module):
+    """n learnable InfoNCE critics s(x, y) = cos(g(x), h(y)) / τ, g and h one-hidden-layer MLPs.
+
+    The cosine/temperature critic of SimCLR-style InfoNCE, on learned projections: trained to *maximise*
+    I_NCE (Constraints.auxiliary_step, on detached representations), it makes InfoNCE a (lower-bound)
+    MI estimate between two heads; the model then minimises I_NCE with the critic frozen. The cosine
+    bounds every score to [−1/τ, 1/τ], which keeps the adversarial game tame.
+    ``forward(x (n, N, d_x), y (n, N, d_y), frozen) -> (n, N, N)``.
+    """
+
+    def __init__(self, n: int, d_x: int, d_y: int, hidden: int, temperature: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.temperature = temperature
+        self.g = _BatchedMLP(n, d_x, hidden, hidden, generator)
+        self.h = _BatchedMLP(n, d_y, hidden, hidden, generator)
+
+    def forward(self, x: Tensor, y: Tensor, frozen: bool = False) -> Tensor:
+        gx = F.normalize(self.g(x, frozen), dim=-1)
+        hy = F.normalize(self.h(y, frozen), dim=-1)
+        return gx @ hy.transpose(-1, -2) / self.temperature
 
 
 class CLUB(nn.Module):
@@ -671,14 +704,15 @@ class Constraints:
     """What the training loop uses. Built from the run's config.
 
     Holds the weights, the layers the constraints act on (``ConstraintConfig.layers``, empty = all),
-    what the model must capture, and the state of stateful estimators (CLUB's q and its Adam), which
-    belongs here and not in the model; the other constraints have no state.
+    what the model must capture, and the state of the mutual-information estimator (a network per head
+    pair and its Adam), which belongs here and not in the model; the other constraints have no state.
 
-    CLUB (``mi_variant="club"``): one q per head pair of each selected layer, on the pooled head
-    outputs standardised over the batch; the model minimises the mean over pairs of max(I_CLUB, 0)
-    with q frozen, and :meth:`auxiliary_step` then takes one maximum-likelihood Adam step of q
-    (lr ``club_lr``) on the same, detached, representations. q is initialised from the global torch
-    RNG, so the run's seed fixes it.
+    Mutual information: one estimator network per head pair of each selected layer, on the pooled head
+    outputs standardised over the batch, trained in alternation with the model (lr ``mi_lr``, width
+    ``mi_hidden``): InfoNCE (``mi_variant="infonce"``) with a :class:`CosineCritic` that
+    :meth:`auxiliary_step` moves one Adam step up I_NCE; CLUB (``"club"``) with a q that it moves one
+    maximum-likelihood step. The model minimises the mean over pairs of max(estimate, 0) with the
+    network frozen. The network is initialised from the global torch RNG, so the run's seed fixes it.
     """
 
     def __init__(self, cfg: ConstraintConfig, model_cfg: ModelConfig, device: torch.device | str | None = None):
@@ -700,18 +734,27 @@ class Constraints:
         if "head_usage" in self.weights:
             needs.add("head_contrib")
         self.captures: frozenset[str] = frozenset(needs)
-        self.club: CLUB | None = None
-        self.club_optimizer: torch.optim.Optimizer | None = None
-        if "mutual_information" in self.weights and cfg.mi_variant == "club":
+        self.estimator: CLUB | CosineCritic | None = None
+        self.estimator_optimizer: torch.optim.Optimizer | None = None
+        if "mutual_information" in self.weights:
             n_pairs = len(self.layers) * model_cfg.n_heads * (model_cfg.n_heads - 1) // 2
             d = model_cfg.d_head
-            self.club = CLUB(n_pairs, d, d, cfg.club_hidden).to(device)
-            self.club_optimizer = torch.optim.Adam(self.club.parameters(), lr=cfg.club_lr)
+            if cfg.mi_variant == "club":
+                self.estimator = CLUB(n_pairs, d, d, cfg.mi_hidden)
+            else:
+                self.estimator = CosineCritic(n_pairs, d, d, cfg.mi_hidden, cfg.mi_temperature)
+            self.estimator = self.estimator.to(device)
+            self.estimator_optimizer = torch.optim.Adam(self.estimator.parameters(), lr=cfg.mi_lr)
+
+    @property
+    def club(self) -> CLUB | None:
+        """CLUB's q when the MI variant is CLUB, else None."""
+        return self.estimator if isinstance(self.estimator, CLUB) else None
 
     def _select(self, per_layer: list[Tensor]) -> list[Tensor]:
         return [per_layer[layer] for layer in self.layers]
 
-    def _club_inputs(self, out: EncoderOutput, padding_mask: Tensor, detach: bool = False) -> tuple[Tensor, Tensor]:
+    def _mi_inputs(self, out: EncoderOutput, padding_mask: Tensor, detach: bool = False) -> tuple[Tensor, Tensor]:
         """Standardised pooled outputs of every head pair of the selected layers: x, y (L·P, B, d_head)."""
         head_out = [z.detach() if detach else z for z in self._select(out.head_out)]
         x, y = _head_pairs(head_out, padding_mask)
@@ -727,10 +770,10 @@ class Constraints:
             blocks = [w for which in cfg.orthogonality_on for w in self._select(model.per_head_weights(which))]
             return orthogonality_weights(blocks).loss
         if name == "mutual_information":
-            if self.club is None:
-                return infonce_mi(self._select(out.head_out), padding_mask, cfg.mi_temperature).loss
+            if isinstance(self.estimator, CosineCritic):
+                return infonce_mi(self._select(out.head_out), padding_mask, cfg.mi_temperature, critic=self.estimator).loss
             with torch.autocast(padding_mask.device.type, enabled=False):
-                est = self.club(*self._club_inputs(out, padding_mask), frozen=True)  # (L·P,)
+                est = self.estimator(*self._mi_inputs(out, padding_mask), frozen=True)  # (L·P,)
             return _pair_mean(est.clamp_min(0.0))  # clamped like InfoNCE: below 0 only exploits a stale q
         if name == "attention_entropy":
             return attention_entropy(self._select(out.attn), padding_mask).loss
@@ -749,32 +792,36 @@ class Constraints:
         return total, _floats(**raw)
 
     def auxiliary_step(self, out: EncoderOutput, padding_mask: Tensor) -> dict[str, float]:
-        """One maximum-likelihood Adam step of CLUB's q on the detached representations of ``out``
-        (alternating with the model's step); a no-op returning {} otherwise. Returns ``club_nll``
-        (−mean log q(y|x) per pair, before the step)."""
-        if self.club is None:
+        """One Adam step of the MI estimator on the detached representations of ``out`` (alternating with
+        the model's step): up I_NCE for InfoNCE's critic, up the log-likelihood for CLUB's q; a no-op
+        returning {} without one. Returns ``critic_infonce`` or ``club_nll``, before the step."""
+        if self.estimator is None:
             return {}
         with torch.enable_grad(), torch.autocast(padding_mask.device.type, enabled=False):
-            x, y = self._club_inputs(out, padding_mask, detach=True)
-            nll = -self.club.log_likelihood(x, y).mean()
-            self.club_optimizer.zero_grad(set_to_none=True)
-            nll.backward()
-            self.club_optimizer.step()
-        return {"club_nll": nll.item()}
+            x, y = self._mi_inputs(out, padding_mask, detach=True)
+            if isinstance(self.estimator, CLUB):
+                objective, name = -self.estimator.log_likelihood(x, y).mean(), "club_nll"
+            else:
+                objective, name = -infonce_bound(x, y, critic=self.estimator).mean(), "critic_infonce"
+            self.estimator_optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            self.estimator_optimizer.step()
+        value = objective.item()
+        return {name: value if name == "club_nll" else -value}
 
     def state_dict(self) -> dict:
-        """CLUB's q and its optimiser ({} without CLUB), for exact checkpoint/resume."""
-        if self.club is None:
+        """The MI estimator and its optimiser ({} without one), for exact checkpoint/resume."""
+        if self.estimator is None:
             return {}
-        return {"club": self.club.state_dict(), "club_optimizer": self.club_optimizer.state_dict()}
+        return {"estimator": self.estimator.state_dict(), "estimator_optimizer": self.estimator_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.club is None:
+        if self.estimator is None:
             if state:
-                raise ValueError(f"state has {sorted(state)} but this run's constraints have no state (no CLUB)")
+                raise ValueError(f"state has {sorted(state)} but this run's constraints have no state (no MI estimator)")
             return
-        self.club.load_state_dict(state["club"])
-        self.club_optimizer.load_state_dict(state["club_optimizer"])
+        self.estimator.load_state_dict(state["estimator"])
+        self.estimator_optimizer.load_state_dict(state["estimator_optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------- measure
@@ -788,16 +835,16 @@ def measure(
     out: EncoderOutput,
     padding_mask: Tensor,
     model: Encoder,
-    temperature: float = 0.1,
     layers: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Every constraint's measure under no_grad, whatever the weights (all orthogonality variants,
-    InfoNCE, attention entropy, head usage), on ``out`` captured with :data:`MEASURE_CAPTURES`.
+    attention entropy, head usage), on ``out`` captured with :data:`MEASURE_CAPTURES`.
 
     Used to ask "does the loss do what it says" on the test set, for constrained and unconstrained
-    models alike. Keys are those of :data:`FORMULAS` (``orthogonality_weights`` averages Q, K and V;
-    ``orthogonality_weights_q`` etc. give each), plus ``<key>/<diagnostic>``. CLUB needs a trained q:
-    see :func:`estimate_head_mi`. ``layers``: the layers measured (default: the global layers, those the
+    models alike. Keys are those of :data:`FORMULAS` but the two MI estimators (``orthogonality_weights``
+    averages Q, K and V; ``orthogonality_weights_q`` etc. give each), plus ``<key>/<diagnostic>``. Mutual
+    information needs a freshly trained critic or q on the model's outputs: see :func:`estimate_head_mi`
+    (and ``analysis.posthoc_mi``). ``layers``: the layers measured (default: the global layers, those the
     constraints act on by default).
     """
     if layers is None:
@@ -809,7 +856,6 @@ def measure(
         "orthogonality_weights": orthogonality_weights([w for ws in weights.values() for w in ws]),
         **{f"orthogonality_weights_{p}": orthogonality_weights(ws) for p, ws in weights.items()},
         "orthogonality_attention": orthogonality_attention(sel(out.attn), padding_mask),
-        "infonce": infonce_mi(sel(out.head_out), padding_mask, temperature),
         "attention_entropy": attention_entropy(sel(out.attn), padding_mask),
         "head_usage": head_usage_entropy(sel(out.head_contrib), padding_mask),
     }

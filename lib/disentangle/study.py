@@ -184,26 +184,43 @@ class Study:
             out[row.constraint] = self.config(row.constraint, row.weight, seed)
         return out
 
-    def capacity(self, axes: Mapping[str, Sequence], retain: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """For each axis (a dotted model field) and size: the baseline and every constraint at its chosen
-        weight, all seeds. Rows carry ``axis`` and ``size``; the default size's runs are the sweep's."""
+    def capacity(self, axes: Mapping[str, Sequence], retain: float = 0.5, arms: str = "all",
+                 margin: float = 0.01) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """For each axis (a dotted model field) and size: the baseline and the constraints at their chosen
+        weights, all seeds. Rows carry ``axis``, ``size``, ``default_size`` and ``grown``; the default
+        size's runs are the sweeps' own.
+
+        ``arms="all"`` grows every constraint along every axis. ``arms="costly"`` grows only the
+        constraints whose chosen weight costs at least ``margin`` of mean test accuracy at the default size
+        (from the sweeps): a constraint that costs nothing has nothing for capacity to win back, so its
+        larger and smaller models would say nothing about the claim. Such arms are still in the frame at
+        the default size (``grown`` False), where the recovery table reports them as costing nothing.
+        """
         problems = [f"axes: {a!r} is not a model field (e.g. 'model.d_ff')" for a in axes
                     if not a.startswith("model.") or a.split(".", 1)[1] not in self.base.model.field_names()]
+        problems += [] if arms in ("all", "costly") else [f"arms={arms!r} is not one of ['all', 'costly']"]
         if problems:
             raise ConfigError(problems)
         chosen = self.chosen_weights(retain)
-        arms = [("baseline", 0.0)] + [(r.constraint, r.weight) for r in chosen.itertuples()]
+        grow = {"baseline": True}
+        for r in chosen.itertuples():
+            grow[r.constraint] = arms == "all" or (r.test_acc - r.baseline_acc) <= -margin
+        weights = {"baseline": 0.0, **dict(zip(chosen["constraint"], chosen["weight"]))}
         configs, tags = [], []
         for axis, sizes in axes.items():
+            default = self.base.to_dict()["model"][axis.split(".", 1)[1]]
             for size in sizes:
-                for name, weight in arms:
+                for name, weight in weights.items():
+                    if not grow[name] and size != default:
+                        continue
                     for s in self.seeds:
                         configs.append(self.config(name, weight, s, **{axis: size}))
-                        tags.append((axis, size))
+                        tags.append((axis, size, default, grow[name]))
         runs, history = self.run(configs, desc="capacity")
-        runs["axis"] = [a for a, _ in tags]
-        runs["size"] = [s for _, s in tags]
-        runs["default_size"] = [self.base.to_dict()["model"][a.split(".", 1)[1]] for a, _ in tags]
+        runs["axis"] = [t[0] for t in tags]
+        runs["size"] = [t[1] for t in tags]
+        runs["default_size"] = [t[2] for t in tags]
+        runs["grown"] = [t[3] for t in tags]
         return runs, history
 
 

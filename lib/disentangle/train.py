@@ -33,6 +33,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -166,7 +167,7 @@ def evaluate(model: Encoder, split: Split, tasks: Sequence[str], batch_size: int
 
 
 @torch.no_grad()
-def measure_split(model: Encoder, split: Split, temperature: float, batch_size: int = 250) -> dict[str, float]:
+def measure_split(model: Encoder, split: Split, batch_size: int = 250) -> dict[str, float]:
     """Every constraint's own measure on a split (size-weighted mean over batches), for any model."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -174,7 +175,7 @@ def measure_split(model: Encoder, split: Split, temperature: float, batch_size: 
     totals: dict[str, float] = {}
     for b in iter_batches(split, batch_size, device):
         out = model(b["tokens"], b["padding_mask"], capture=MEASURE_CAPTURES, segments=b["segments"])
-        for k, v in measure(out, b["padding_mask"], model, temperature=temperature).items():
+        for k, v in measure(out, b["padding_mask"], model).items():
             totals[k] = totals.get(k, 0.0) + v * len(b["tokens"])
     model.train(was_training)
     return {k: v / len(split) for k, v in totals.items()}
@@ -446,7 +447,7 @@ def _fit(cfg: RunConfig, run_id: str, run_dir: Path, data: TaskData, checkpoint:
         metrics.update({f"test_{k}": v for k, v in evaluate(model, data.splits["test"], data.tasks).items()})
         if "ood" in data.splits:
             metrics.update({f"ood_{k}": v for k, v in evaluate(model, data.splits["ood"], data.tasks).items()})
-        measures = measure_split(model, data.splits["test"], cfg.constraints.mi_temperature)
+        measures = measure_split(model, data.splits["test"])
         metrics.update({f"measure/{k}": v for k, v in measures.items()})
     else:
         metrics["test_acc"] = float("nan")
@@ -487,8 +488,22 @@ def _worker_pool(n_jobs: int) -> ProcessPoolExecutor:
     forked: forking a process whose torch thread pools are initialised can deadlock."""
     pool = _POOLS.get(n_jobs)
     if pool is None or getattr(pool, "_broken", False):
-        pool = _POOLS[n_jobs] = ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn"))
+        pool = _POOLS[n_jobs] = ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn"), initializer=_ignore_sigint)
     return pool
+
+
+def _stop_pool(n_jobs: int) -> None:
+    pool = _POOLS.pop(n_jobs, None)
+    if pool is not None:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    # An interrupt meant for the notebook (e.g. papermill stopping its kernel) also reaches the idle
+    # workers of its process group; they stop anyway when their parent does (sentinel at exit, or EOF).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _failed(cfg: RunConfig, cache: Path, error: str) -> RunResult:
@@ -565,11 +580,17 @@ def run_grid(
         # Spawned workers: forking a process whose torch thread pools are initialised can deadlock.
         pool = _worker_pool(n_jobs)
         futures = [pool.submit(_run_in_worker, cfg.to_dict(), str(cache), threads) for cfg in todo]
-        for fut in as_completed(futures):
-            run_id, err = fut.result()
-            if err:
-                errors[run_id] = err
-            bar.update(1)
+        try:
+            for fut in as_completed(futures):
+                run_id, err = fut.result()
+                if err:
+                    errors[run_id] = err
+                bar.update(1)
+        except KeyboardInterrupt:
+            # Workers ignore SIGINT (see _ignore_sigint): stop them here, so an interrupted notebook does not
+            # go on training in the background. Finished runs are cached; running ones resume from checkpoints.
+            _stop_pool(n_jobs)
+            raise
     bar.close()
     for cfg in todo:
         run_id = run_hash(cfg)
