@@ -10,6 +10,7 @@ from disentangle.capacity import (
     arm_curves,
     capacity_effects,
     findings,
+    outcome_counts,
     per_task_recovery,
     recovery_table,
     reference,
@@ -118,6 +119,28 @@ def test_no_constrained_arm_at_all():
     assert list(eff["constraint"]) == ["all constraints"] * len(AXES)
     assert (eff["verdict"] == "inconclusive").all()
     assert recovery_table(frame(arms=("baseline",))).empty
+
+
+def test_a_costly_arm_the_grid_did_not_grow_is_not_grown_not_unrecovered():
+    cap = frame()
+    # what Study.capacity(arms="costliest") gives: head usage only at the default size
+    cap = cap[~((cap["constraint"] == "head_usage") & (cap["size"] != cap["default_size"]))]
+    table = recovery_table(cap, ["t1", "t2"])
+    hu = row(table, "head_usage", "model.d_ff", "all")
+    assert hu["outcome"] == "not grown" and hu["recovered_at"] == "not grown"
+    assert hu["gap_default"] < 0 and math.isnan(hu["acc_largest"]) and math.isnan(hu["slope"])
+    assert row(table, "orthogonality", "model.d_ff", "all")["outcome"] == "recovered"  # the others unchanged
+    assert per_task_recovery(cap, ["t1", "t2"]).query("constraint == 'head_usage'")["recovers"].isna().all()
+    eff = capacity_effects(cap)
+    pooled = row(eff, "all constraints", "model.d_ff")
+    # only orthogonality's gain is pooled now: 0.90 - 0.80
+    assert pooled["effect"] == pytest.approx(0.10) and pooled["arms"] == "orthogonality"
+    assert "not grown in this grid: head usage" in pooled["detail"]
+    hu_eff = row(eff, "head_usage", "model.d_ff")
+    assert hu_eff["verdict"] == "inconclusive" and "not grown" in hu_eff["detail"] and hu_eff["outcome"] == "not grown"
+    counts = outcome_counts(per_task_recovery(cap, ["t1", "t2"]))
+    # t2 is unaffected by the constraints (no cost there), so only t1 has head usage's untested cells
+    assert counts.loc["t1", "not grown"] == len(AXES) and counts.loc["t2", "not grown"] == 0
 
 
 def test_diverged_runs_are_counted_not_fatal():

@@ -63,6 +63,22 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
     assert c.metrics["test_ce"] != a.metrics["test_ce"]
 
 
+def test_cpu_runs_flush_denormals_inside_and_restore_the_process_state(tmp_path, monkeypatch):
+    tiny_float = 1e-40  # a float32 denormal: flushed to 0 under flush-to-zero
+    seen = []
+    real_fit = train_mod._fit
+
+    def spy(*args, **kwargs):
+        seen.append(((torch.tensor([tiny_float]) * 1.0).item(), torch.get_num_threads()))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_fit", spy)
+    threads = torch.get_num_threads()
+    run(tiny(), cache_dir=tmp_path, threads=1)
+    assert seen == [(0.0, 1)]
+    assert (torch.tensor([tiny_float]) * 1.0).item() != 0.0 and torch.get_num_threads() == threads
+
+
 def test_run_records_every_loss_term_and_final_metrics(tmp_path):
     res = run(tiny(**{"constraints.head_usage": 0.1, "constraints.attention_entropy": 0.05}), tmp_path)
     cols = set(res.history.columns)

@@ -25,7 +25,9 @@ Definitions (``acc`` is the metric asked for; means and 95% Student-t intervals 
   own re-runs "not matching".
 * **Outcome** of an arm on an axis: ``no cost`` when it matches at the default size (the constraint cost
   nothing there: nothing to recover); ``recovered`` when it does not match at the default size but
-  matches at a larger one; ``not reached`` otherwise. ``recovered_at`` is the smallest matching size
+  matches at a larger one; ``not grown`` when it does not match at the default size and the grid trained it
+  at no other size of that axis (``Study.capacity(arms="costly" | "costliest")``: untested, not a failure);
+  ``not reached`` otherwise. ``recovered_at`` is the smallest matching size
   (for ``no cost``, the smallest matching size up to the default; for ``recovered``, the smallest
   matching size above it; sizes below the default are not searched when the default does not match:
   a smaller model matching while the default does not is noise, not recovery).
@@ -37,7 +39,8 @@ Definitions (``acc`` is the metric asked for; means and 95% Student-t intervals 
 * **Capacity effect** (``capacity_effects``): for an arm, per seed, ``acc(largest size) - acc(default
   size)`` (paired: same seed), then ``mean_ci`` over seeds. For the pooled claim "more <axis> recovers
   accuracy lost to constraints", per seed the mean of these gains over the constrained arms that cost
-  accuracy at the default size (outcome not ``no cost``), then ``mean_ci`` over seeds. Verdict:
+  accuracy at the default size and were grown (outcome neither ``no cost`` nor ``not grown``), then
+  ``mean_ci`` over seeds. Verdict:
   ``stats.verdict(low, high, expected_sign=+1, margin)``; when no constrained arm cost accuracy at the
   default size the verdict is ``inconclusive`` with the reason "nothing to recover".
 
@@ -63,8 +66,9 @@ AXIS_LABELS = {
     "model.n_layers": "depth (n_layers)",
     "model.n_heads": "heads (n_heads)",
 }
-OUTCOMES = ("no cost", "recovered", "not reached")
+OUTCOMES = ("no cost", "recovered", "not reached", "not grown")
 NOT_REACHED = "not reached"
+NOT_GROWN = "not grown"
 REQUIRED = ("axis", "size", "default_size", "constraint", "seed")
 
 
@@ -186,6 +190,12 @@ def arm_curves(cap: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _grown(cap: pd.DataFrame, arm: str, axis: str) -> bool:
+    """Whether the grid trained ``arm`` at any size of ``axis`` other than the default (finished or not)."""
+    on = cap[(cap["axis"] == axis) & (cap["constraint"] == arm)]
+    return bool((on["size"].map(_py) != _py(_default_size(cap, axis))).any())
+
+
 def _recovery_rows(cap: pd.DataFrame, metric: str, margin: float) -> list[dict]:
     ref = reference(cap, metric, margin)
     rows = []
@@ -206,6 +216,8 @@ def _recovery_rows(cap: pd.DataFrame, metric: str, margin: float) -> list[dict]:
             ok = {s: matches(means[s], ref["threshold"]) for s in sizes}
             if ok[d]:
                 outcome, at = "no cost", min(s for s in sizes if s <= d and ok[s])
+            elif not _grown(cap, arm, axis):
+                outcome, at = NOT_GROWN, NOT_GROWN
             elif any(ok[s] for s in sizes if s > d):
                 outcome, at = "recovered", min(s for s in sizes if s > d and ok[s])
             else:
@@ -221,7 +233,7 @@ def _recovery_rows(cap: pd.DataFrame, metric: str, margin: float) -> list[dict]:
                 "acc_largest": m_l, "acc_largest_low": lo_l, "acc_largest_high": hi_l,
                 "gap_default": m_d - ref["ref"], "gap_largest": m_l - ref["ref"],
                 "outcome": outcome, "recovered_at": at,
-                "recovered_params": float(params.get(at, math.nan)) if at != NOT_REACHED and len(params) else math.nan,
+                "recovered_params": float(params.get(at, math.nan)) if at not in (NOT_REACHED, NOT_GROWN) and len(params) else math.nan,
                 "slope": slope, "slope_low": s_lo, "slope_high": s_hi, "baseline_slope": base_slope,
                 "n_seeds": int(table.notna().any(axis=1).sum()), "n_failed": int(table.isna().to_numpy().sum()),
             })
@@ -260,7 +272,7 @@ def per_task_recovery(cap: pd.DataFrame, tasks: Sequence[str], metric: str = "te
     column ``recovers`` is True for ``recovered``, False for ``not reached``, and NaN for ``no cost``)."""
     table = recovery_table(cap, tasks, metric, margin)
     table = table[table["task"] != "all"].reset_index(drop=True)
-    table["recovers"] = table["outcome"].map({"recovered": True, NOT_REACHED: False, "no cost": np.nan})
+    table["recovers"] = table["outcome"].map({"recovered": True, NOT_REACHED: False, "no cost": np.nan, NOT_GROWN: np.nan})
     return table
 
 
@@ -325,13 +337,17 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
             elif no_cost:
                 v, why = "inconclusive", (f"nothing to recover: at the default size it already matches the baseline "
                                           f"({m_d:.3f} vs {ref['ref']:.3f})")
+            elif not _grown(cap, arm, axis):
+                v, why = "inconclusive", (f"not grown in this grid (capacity_arms): it costs {cost:+.3f} at the default "
+                                          f"size, but only other constraints were trained at other sizes")
             else:
                 v, why = verdict(lo, hi, +1, margin), f"costs {cost:+.3f} at the default size"
                 gains[arm] = g
             detail = f"{why}; {base_words}" + (f"; {n_failed} seed(s) without a finished pair of runs" if n_failed else "")
             per_arm.append({"claim": claim, "verdict": v, "effect": e, "ci_low": lo, "ci_high": hi, "measure": measure,
                             "detail": detail, **common, "constraint": arm, "n_seeds": n, "n_failed": n_failed,
-                            "cost_default": cost, "outcome": "no cost" if no_cost else "cost", "arms": arm})
+                            "cost_default": cost, "outcome": "no cost" if no_cost else "cost" if arm in gains else NOT_GROWN,
+                            "arms": arm})
         # pooled over the arms that cost accuracy at the default size
         claim = f"More {name} recovers accuracy lost to constraints"
         if gains:
@@ -343,9 +359,11 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
             names = ", ".join(_arm_label(a) for a in gains)
             v = verdict(lo, hi, +1, margin)
             cost = float(np.mean([r["cost_default"] for r in per_arm if r["constraint"] in gains]))
-            skipped = [_arm_label(r["constraint"]) for r in per_arm if r["constraint"] not in gains]
+            skipped = [_arm_label(r["constraint"]) for r in per_arm if r["outcome"] == "no cost"]
+            ungrown = [_arm_label(r["constraint"]) for r in per_arm if r["outcome"] == NOT_GROWN]
             detail = (f"pooled over {len(gains)} constraint(s) that cost accuracy at the default size ({names}; mean cost "
                       f"{cost:+.3f})" + (f"; left out, nothing to recover: {', '.join(skipped)}" if skipped else "")
+                      + (f"; left out, costly but not grown in this grid: {', '.join(ungrown)}" if ungrown else "")
                       + f"; {base_words}" + (f"; {n_failed} constraint-seed pair(s) without finished runs" if n_failed else ""))
         else:
             e = lo = hi = cost = math.nan
@@ -356,6 +374,8 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
                 detail = "no constrained arms in the grid"
             elif largest == d:
                 detail = f"no {short} above the default {d} in the grid"
+            elif any(r["outcome"] == NOT_GROWN for r in per_arm):
+                detail = "no constraint that costs accuracy at the default size was grown in this grid (capacity_arms)"
             else:
                 detail = "nothing to recover: no constraint costs accuracy at the default size"
             detail += f"; {base_words}"
@@ -389,6 +409,8 @@ def _recovered_words(r: dict) -> str:
     params = f"{p / 1e3:.3g}k params" if isinstance(p, float) and math.isfinite(p) else ""
     if r["outcome"] == "no cost":
         return f"no cost (matches from {at}" + (f", {params})" if params else ")")
+    if r["outcome"] == NOT_GROWN:
+        return "not grown (costly; capacity_arms)"
     return (f"{at} ({params})" if params else f"{at}") if r["outcome"] == "recovered" else NOT_REACHED
 
 

@@ -22,7 +22,7 @@ from .schema import Config, ConfigError, at_least, one_of, positive
 
 # Bump when a change to the code changes what a run computes (training loop, losses, data): old cache
 # entries then stop matching instead of being silently reused.
-CODE_VERSION = "3"
+CODE_VERSION = "4"
 
 PROCEDURAL_TASKS = ("where_person", "where_object", "coreference", "counting", "majority", "deduction")
 

@@ -245,7 +245,8 @@ def recovery_heatmap(table: pd.DataFrame) -> Figure:
                     continue
                 r = g.loc[(a, t)]
                 outcome = f"at {r['recovered_at']}" if r["outcome"] == "recovered" else r["outcome"]
-                line.append(f"{r['gap_default']:+.2f} → {r['gap_largest']:+.2f}\n{outcome}")
+                largest = "" if r["outcome"] == "not grown" else f" → {r['gap_largest']:+.2f}"
+                line.append(f"{r['gap_default']:+.2f}{largest}\n{outcome}")
             text.append(line)
         sns.heatmap(values.astype(float), ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim, annot=np.array(text, dtype=object),
                     fmt="", annot_kws={"fontsize": 8}, cbar=False, linewidths=0.5, linecolor="white")

@@ -24,6 +24,8 @@ from .stats import mean_ci
 from .train import run_grid
 
 CONSTRAINTS = ("orthogonality", "mutual_information", "attention_entropy", "head_usage")
+# which constraints the capacity grid grows beyond the default size (Study.capacity)
+ARMS = ("all", "costly", "costliest")
 LABELS = {
     "baseline": "baseline",
     "orthogonality": "orthogonality",
@@ -193,18 +195,22 @@ class Study:
         ``arms="all"`` grows every constraint along every axis. ``arms="costly"`` grows only the
         constraints whose chosen weight costs at least ``margin`` of mean test accuracy at the default size
         (from the sweeps): a constraint that costs nothing has nothing for capacity to win back, so its
-        larger and smaller models would say nothing about the claim. Such arms are still in the frame at
-        the default size (``grown`` False), where the recovery table reports them as costing nothing.
+        larger and smaller models would say nothing about the claim. ``arms="costliest"`` grows only the
+        one that costs the most (if it costs at least ``margin``): the most to win back, at the price of
+        one arm (what a 2-core CPU budget affords). Arms not grown are still in the frame at the default
+        size (``grown`` False): the recovery table reports them as ``no cost`` or ``not grown``.
         """
         problems = [f"axes: {a!r} is not a model field (e.g. 'model.d_ff')" for a in axes
                     if not a.startswith("model.") or a.split(".", 1)[1] not in self.base.model.field_names()]
-        problems += [] if arms in ("all", "costly") else [f"arms={arms!r} is not one of ['all', 'costly']"]
+        problems += [] if arms in ARMS else [f"arms={arms!r} is not one of {list(ARMS)}"]
         if problems:
             raise ConfigError(problems)
         chosen = self.chosen_weights(retain)
-        grow = {"baseline": True}
-        for r in chosen.itertuples():
-            grow[r.constraint] = arms == "all" or (r.test_acc - r.baseline_acc) <= -margin
+        cost = dict(zip(chosen["constraint"], chosen["test_acc"] - chosen["baseline_acc"]))
+        costly = [c for c, v in cost.items() if v <= -margin]
+        if arms == "costliest":
+            costly = sorted(costly, key=cost.get)[:1]
+        grow = {"baseline": True, **{c: arms == "all" or c in costly for c in cost}}
         weights = {"baseline": 0.0, **dict(zip(chosen["constraint"], chosen["weight"]))}
         configs, tags = [], []
         for axis, sizes in axes.items():

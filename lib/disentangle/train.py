@@ -84,15 +84,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
+def _cpu_settings(threads: int | None) -> Iterator[None]:
+    """Intra-op threads (None leaves them alone) and flush-to-zero of denormal floats, for one CPU run.
+
+    Why flush denormals: a strong attention-entropy penalty drives attention rows towards one-hot, and the
+    softmax's near-zero probabilities and their gradients fall into the denormal range, where x86 float
+    arithmetic is many times slower: at weight 3 a default run took 42.5 s instead of 27.9 s (same test
+    accuracy to 3 decimals; weights differ in the last bits, hence CODE_VERSION 4). Restored afterwards.
+    """
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
     try:
         yield
     finally:
+        torch.set_flush_denormal(False)
         torch.set_num_threads(before)
 
 
@@ -344,7 +351,9 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(json.dumps(_config_record(cfg, run_id), indent=2), run_dir / "config.json")
     data = load_data(cfg.data, cache)
-    with _threads(threads if resolve_device(cfg.train.device).type == "cpu" else None):
+    if resolve_device(cfg.train.device).type != "cpu":
+        return _fit(cfg, run_id, run_dir, data, checkpoint, progress)
+    with _cpu_settings(threads):
         return _fit(cfg, run_id, run_dir, data, checkpoint, progress)
 
 
