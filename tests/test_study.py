@@ -58,18 +58,22 @@ def test_chosen_weight_is_the_largest_that_keeps_half_the_gain_over_chance(monke
     assert chosen.loc["head_usage", "weight"] == 0.1 and "no weight retains" in chosen.loc["head_usage", "rule"]
 
 
-@pytest.mark.parametrize("arms, ortho_acc, grown", [
-    ("all", 0.895, {"baseline", "orthogonality", "head_usage"}),
-    ("costly", 0.895, {"baseline", "head_usage"}),  # orthogonality costs 0.005 < the 0.01 margin
-    ("costly", 0.85, {"baseline", "orthogonality", "head_usage"}),
-    ("costliest", 0.85, {"baseline", "head_usage"}),  # head usage costs 0.20, orthogonality 0.05
-    ("costliest", 0.60, {"baseline", "orthogonality"}),
-    ("costliest", 0.895, {"baseline", "head_usage"}),
+@pytest.mark.parametrize("arms, ortho_acc, usage_high, grown", [
+    ("all", 0.895, 0.75, {"baseline", "orthogonality", "head_usage"}),
+    ("costly", 0.895, 0.75, {"baseline", "head_usage"}),  # orthogonality costs 0.005 < the 0.01 margin
+    ("costly", 0.85, 0.75, {"baseline", "orthogonality", "head_usage"}),
+    ("costliest", 0.85, 0.75, {"baseline", "head_usage"}),  # head usage surely costs >= 0.15, orthogonality 0.04
+    ("costliest", 0.60, 0.75, {"baseline", "orthogonality"}),
+    ("costliest", 0.895, 0.75, {"baseline", "head_usage"}),
+    # head usage costs more on average, but its interval reaches up to 0.89: orthogonality's cost is surer
+    ("costliest", 0.85, 0.89, {"baseline", "orthogonality"}),
+    ("costliest", 0.85, float("nan"), {"baseline", "head_usage"}),  # no interval (one seed): the mean
 ])
-def test_capacity_grows_the_arms_asked_for(monkeypatch, arms, ortho_acc, grown):
+def test_capacity_grows_the_arms_asked_for(monkeypatch, arms, ortho_acc, usage_high, grown):
     s = study()
     chosen = pd.DataFrame({"constraint": ["orthogonality", "head_usage"], "weight": [0.1, 1.0],
-                           "test_acc": [ortho_acc, 0.70], "baseline_acc": [0.9, 0.9]})
+                           "test_acc": [ortho_acc, 0.70], "ci_high": [ortho_acc + 0.01, usage_high],
+                           "baseline_acc": [0.9, 0.9]})
     monkeypatch.setattr(Study, "chosen_weights", lambda self, retain=0.5: chosen)
     asked = []
 

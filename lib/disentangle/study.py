@@ -196,8 +196,9 @@ class Study:
         constraints whose chosen weight costs at least ``margin`` of mean test accuracy at the default size
         (from the sweeps): a constraint that costs nothing has nothing for capacity to win back, so its
         larger and smaller models would say nothing about the claim. ``arms="costliest"`` grows only the
-        one that costs the most (if it costs at least ``margin``): the most to win back, at the price of
-        one arm (what a 2-core CPU budget affords). Arms not grown are still in the frame at the default
+        costly one that *surely* costs the most: whose accuracy interval (over seeds) has its upper end
+        furthest below the baseline's mean, so a noisy arm whose interval reaches the baseline is not
+        mistaken for a costly one; one arm is what a 2-core CPU budget affords. Arms not grown are still in the frame at the default
         size (``grown`` False): the recovery table reports them as ``no cost`` or ``not grown``.
         """
         problems = [f"axes: {a!r} is not a model field (e.g. 'model.d_ff')" for a in axes
@@ -209,7 +210,10 @@ class Study:
         cost = dict(zip(chosen["constraint"], chosen["test_acc"] - chosen["baseline_acc"]))
         costly = [c for c, v in cost.items() if v <= -margin]
         if arms == "costliest":
-            costly = sorted(costly, key=cost.get)[:1]
+            # upper end of the interval (the mean with one seed, no interval) below the baseline's mean
+            upper = {r.constraint: r.ci_high if np.isfinite(r.ci_high) else r.test_acc for r in chosen.itertuples()}
+            sure_cost = {c: float(chosen.loc[chosen["constraint"] == c, "baseline_acc"].iloc[0]) - upper[c] for c in costly}
+            costly = sorted(costly, key=sure_cost.get, reverse=True)[:1]
         grow = {"baseline": True, **{c: arms == "all" or c in costly for c in cost}}
         weights = {"baseline": 0.0, **dict(zip(chosen["constraint"], chosen["weight"]))}
         configs, tags = [], []
