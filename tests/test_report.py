@@ -196,3 +196,35 @@ def test_unknown_profile_keys_are_refused_before_anything_runs(toy_project):
     assert not (reports / "bad").exists()
     missing = run_report("nope", reports, env)
     assert missing.returncode == 2 and "no profile 'nope'" in missing.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "params").glob("*.yaml")))
+def test_every_profile_builds_valid_run_configs(name):
+    """Each profile (full included: CI never runs it, no GPU) is accepted by the runner and every run it
+    would train is a valid config: sweeps, each capacity size under each constraint, and the bAbI runs."""
+    from disentangle.babi_report import data_changes
+    from disentangle.config import run_hash
+    from disentangle.report import all_sections, load_profile, plan
+    from disentangle.study import ARMS, Study
+
+    planned = plan(name, load_profile(name), all_sections())
+    for section, p in planned.items():
+        if not {"model", "data", "train", "seeds", "sweep_weights"} <= set(p):
+            continue
+        study = Study.from_parameters(model=p["model"], data=p["data"], train=p["train"], seeds=p["seeds"],
+                                      sweep_weights=p["sweep_weights"], variants=p.get("variants"))
+        configs = [c for constraint in study.sweep_weights for c in study.sweep_configs(constraint)]
+        # one baseline per seed shared by every sweep, and one run per (constraint, weight > 0, seed)
+        n_weighted = sum(len([w for w in ws if w > 0]) for ws in study.sweep_weights.values())
+        assert len({run_hash(c) for c in configs}) == len(study.seeds) * (1 + n_weighted), section
+        for axis, sizes in (p.get("axes") or {}).items():
+            assert getattr(study.base.model, axis.split(".", 1)[1]) in sizes, f"{name}: {axis} lacks the default size"
+            for size in sizes:
+                for constraint, weights in study.sweep_weights.items():
+                    study.config(constraint, max(weights), 0, **{axis: size})
+        if "capacity_arms" in p:
+            assert p["capacity_arms"] in ARMS
+        if p.get("babi_dir"):
+            for constraint, weights in study.sweep_weights.items():
+                study.config(constraint, max(weights), 0, **data_changes(p["babi_dir"], p["babi_tasks"],
+                                                                         p["babi_max_sentences"], p["babi_steps"]))
