@@ -1,7 +1,7 @@
 """Data throughput: procedural generation (stories per second per task, and examples per second for the
 whole ``generate``), input lengths and answer shares, and the time to parse every bAbI file of a directory.
-The default DataConfig trains only the two lookup tasks, so ``generate`` is timed for it and for all six
-procedural tasks (longer stories: counting and majority need several sentences).
+The default DataConfig trains only the two lookup tasks, so ``generate`` is timed for it and for the world of
+params/full.yaml (all six procedural tasks, longer stories, a distractor) at the default split sizes.
 
     python benchmarks/bench_data.py [BABI_DIR]    # default: ../shared/data/babi/en next to the repository
 """
@@ -14,8 +14,10 @@ from collections import Counter
 from pathlib import Path
 from time import perf_counter
 
+import yaml
+
 from disentangle.babi import read_file
-from disentangle.config import PROCEDURAL_TASKS, DataConfig
+from disentangle.config import DataConfig
 from disentangle.tasks import generate, make_story
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,11 +75,13 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=2000, help="stories per task for the make_story timing")
     args = parser.parse_args()
     cfg = DataConfig()
-    every = DataConfig(tasks=tuple(PROCEDURAL_TASKS), story_min=2, story_max=6, n_distractors=1,
-                       ood_story_min=8, ood_story_max=10)
-    bench_tasks(every, args.per_task)
+    # the full profile's world, with the default split sizes so both timings generate comparable amounts
+    sizes = {f: getattr(cfg, f) for f in ("n_train", "n_val", "n_test", "n_ood")}
+    world = yaml.safe_load((REPO / "params" / "full.yaml").read_text())["common"]["data"]
+    full = DataConfig(**{**world, "tasks": tuple(world["tasks"]), **sizes})
+    bench_tasks(full, args.per_task)
     bench_generate(cfg, "DataConfig(), the two lookup tasks", details=True)
-    bench_generate(every, f"all {len(every.tasks)} tasks, 2-6 sentences, 1 distractor", details=False)
+    bench_generate(full, f"params/full.yaml world, {len(full.tasks)} tasks, default split sizes", details=False)
     bench_babi(args.babi_dir)
 
 
