@@ -10,13 +10,23 @@ TORCH   ?= torch==2.13.0
 # Extra arguments for `python -m disentangle.report`, e.g. ARGS="--only 02_orthogonality".
 ARGS    ?=
 
-.PHONY: report test env benchmarks clean-env
+.PHONY: report test test-kernels env benchmarks clean-env
 
 report: $(STAMP)
 	$(PY) -m disentangle.report --profile $(PROFILE) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The numerics-sensitive tests (cross-path comparisons, known values, bit-identical resume) under each
+# of PyTorch's CPU kernel sets this CPU can run: a second machine's vector kernels, without a second
+# machine. Not part of `make test`.
+KERNEL_TESTS := tests/test_model.py tests/test_constraints.py tests/test_analysis.py tests/test_train.py
+test-kernels: $(STAMP)
+	@set -e; for cap in default avx2 $$(grep -qw avx512f /proc/cpuinfo && echo avx512); do \
+		echo "== ATEN_CPU_CAPABILITY=$$cap: $$(ATEN_CPU_CAPABILITY=$$cap $(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')"; \
+		ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS); \
+	done
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/bench_model.py

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from numerics import EPS64, tol
 
 from disentangle import analysis as A
 from disentangle import stats
@@ -187,7 +188,9 @@ def test_entropy_agrees_with_the_constraint(model, split, data):
     b = one.batch(slice(0, 1))
     out = model(b["tokens"], b["padding_mask"], capture="attn", segments=b["segments"])
     loss = attention_entropy([out.attn[1]], b["padding_mask"]).loss.item()
-    assert met.loc[met["task"] == "all", "entropy"].mean() == pytest.approx(loss, abs=1e-5)
+    # Two code paths over one story: per query a sum over T keys, then means over T queries and H heads.
+    T, H = out.attn[1].shape[-1], out.attn[1].shape[1]
+    assert met.loc[met["task"] == "all", "entropy"].mean() == pytest.approx(loss, abs=tol(T + T + H))
 
 
 def test_attention_similarity_known_values():
@@ -199,7 +202,9 @@ def test_attention_similarity_known_values():
     a[0, 2, :, 1:] = 1 / 3
     s, c = A.attention_similarity_from_tensors(a, pad)
     sim = s / c
-    torch.testing.assert_close(sim, torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    expected = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(sim, expected, atol=tol(T, eps=EPS64), rtol=0)  # float64, cosines over T keys
+    assert (sim.diagonal() == 1).all() and (sim == sim.T).all()  # exact, by construction
     s, c = A.attention_similarity_from_tensors(a, pad, queries="cls")
     assert c.item() == 1
 
@@ -210,9 +215,12 @@ def test_head_similarity_matrices(model, split):
         assert set(sims) == {1}
         S = sims[1]
         assert S.shape == (4, 4)
-        np.testing.assert_allclose(S, S.T, atol=1e-6)
-        np.testing.assert_allclose(np.diag(S), 1.0, atol=1e-5)
-        assert (S > -1e-6).all() and (S < 1 + 1e-5).all()
+        # By definition, so by construction, on any CPU: exactly symmetric, exactly 1 on the diagonal.
+        assert (S == S.T).all() and (np.diag(S) == 1.0).all(), kind
+        # Attention cosines of non-negative rows are sums of non-negative terms: never below 0. Above 1
+        # only by rounding of a float64 cosine over T keys, or a float64 CKA over N examples and d dims.
+        bound = tol(len(split) * 8 + 64, eps=EPS64)
+        assert (S >= 0).all() and (S <= 1 + bound).all(), kind
 
 
 def test_linear_cka_is_rotation_invariant():
@@ -221,7 +229,8 @@ def test_linear_cka_is_rotation_invariant():
     rot, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
     reps = torch.stack([x, 3 * x @ rot, torch.randn(500, 4, generator=g)], 1)  # (N, 3 heads, 4)
     cka = A.linear_cka(reps)
-    assert cka[0, 1].item() == pytest.approx(1.0, abs=1e-5)
+    # CKA is computed in float64, but 3·x·R is rounded to float32 once per entry of a 4-term product.
+    assert cka[0, 1].item() == pytest.approx(1.0, abs=tol(4 + 4))
     assert cka[0, 2].item() < 0.05
 
 
@@ -510,7 +519,7 @@ def test_attention_for_story(model, split):
     assert len(out["tokens"]) == T and out["tokens"][0] == "<cls>" and out["tokens"][-1] == "<sep>"
     for mat in out["attn"].values():
         assert mat.shape == (T, T)
-        np.testing.assert_allclose(mat.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(mat.sum(1), 1.0, atol=tol(2 * T), rtol=0)  # softmax's sum and this one
     assert out["support_mask"].shape == (T,) and out["support_mask"].any()
     assert [t for t, q in zip(out["tokens"], out["question_mask"]) if q] == list(out["story"].question)
     assert out["sink_mask"][0] and out["sink_mask"][-1]

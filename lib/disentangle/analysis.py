@@ -374,20 +374,28 @@ def attention_similarity_from_tensors(attn: Tensor, padding_mask: Tensor, querie
     """Sum over examples and queries of cos(A_i[q, ·], A_j[q, ·]) for every head pair, and the query count.
 
     attn: (B, H, T, T); padding_mask: (B, T). Keys: real ones; queries: every real query (``"all"``) or the
-    CLS row only (``"cls"``). Returns (sum (H, H), count (scalar)); their ratio is the mean cosine. A row
-    that is all zero has cosine 0 with everything (and 0 on the diagonal).
+    CLS row only (``"cls"``). Returns (sum (H, H), count (scalar)), both float64; their ratio is the mean
+    cosine. A row that is all zero has cosine 0 with everything (and 0 on the diagonal).
+
+    What holds by definition holds by construction, on any CPU: the sum is accumulated in float64 and
+    symmetrised, and its diagonal is the count of nonzero rows itself (a row's cosine with itself is 1), not
+    a float32 sum of squared unit vectors, which lands on 1 only within rounding that depends on the kernel.
     """
     if queries not in ("all", "cls"):
         raise ValueError(f"queries={queries!r} is not one of ['all', 'cls']")
-    realf = (~padding_mask).float()
-    A = attn.float() * realf[:, None, None, :]
+    realf = (~padding_mask).double()
+    A = attn.double() * realf[:, None, None, :]
     if queries == "cls":
         A, qw = A[:, :, :1], realf[:, :1]
     else:
         qw = realf
-    unit = A / torch.linalg.vector_norm(A, dim=-1, keepdim=True).clamp_min(_EPS)  # (B, H, Tq, T)
+    norm = torch.linalg.vector_norm(A, dim=-1, keepdim=True)  # (B, H, Tq, 1)
+    unit = A / norm.clamp_min(_EPS)  # (B, H, Tq, T)
     unit = unit * qw[:, None, :, None]  # drop padded queries
     sums = torch.einsum("bhqk,bgqk->hg", unit, unit)
+    sums = (sums + sums.T) / 2
+    nonzero = ((norm[..., 0] > 0).double() * qw[:, None, :]).sum((0, 2))  # (H,) rows whose cosine with themselves is 1
+    sums = sums - torch.diag(sums.diagonal()) + torch.diag(nonzero)
     return sums, qw.sum()
 
 
@@ -403,9 +411,14 @@ def linear_cka(x: Tensor) -> Tensor:
     x = x - x.mean(0, keepdim=True)
     cross = torch.einsum("nhd,nge->hgde", x, x)  # (H, H, d, d)
     sq = cross.square().sum((-1, -2))  # ‖X_hᵀ X_g‖_F²
+    sq = (sq + sq.T) / 2  # symmetric by definition; the einsum's two orders may round differently
     self_norm = sq.diagonal().sqrt()  # ‖X_hᵀ X_h‖_F
     denom = self_norm[:, None] * self_norm[None, :]
-    return torch.where(denom > 0, sq / denom.clamp_min(_EPS), float("nan")).float()
+    cka = torch.where(denom > 0, sq / denom.clamp_min(_EPS), float("nan"))
+    # CKA(h, h) = 1 by definition; sqrt(x)² need not round back to x, so set it rather than compute it.
+    defined = self_norm > 0
+    cka.diagonal().copy_(torch.where(defined, 1.0, float("nan")))
+    return cka.float()
 
 
 def head_similarity(
@@ -429,8 +442,8 @@ def head_similarity(
     layer_ids = _layers(model, layers)
     device = _device(model)
     H = model.cfg.n_heads
-    sums = {layer: torch.zeros(H, H, device=device) for layer in layer_ids}
-    count = torch.zeros((), device=device)
+    sums = {layer: torch.zeros(H, H, device=device, dtype=torch.float64) for layer in layer_ids}
+    count = torch.zeros((), device=device, dtype=torch.float64)
     pooled: dict[int, list[Tensor]] = {layer: [] for layer in layer_ids}
     with _eval_mode(model):
         for b in _batches(split, batch_size, device):
