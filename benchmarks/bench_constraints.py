@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from disentangle.config import ConstraintConfig
-from disentangle.constraints import MEASURE_CAPTURES, Constraints
+from disentangle.constraints import MEASURE_CAPTURES
+from disentangle.objective import Constraints
 from disentangle.model import Encoder, ModelConfig
 
 VARIANTS: dict[str, dict] = {

@@ -16,9 +16,9 @@ from time import perf_counter
 
 import yaml
 
-from disentangle.babi import read_file
+from disentangle.data.babi import read_file
 from disentangle.config import DataConfig
-from disentangle.tasks import generate, make_story
+from disentangle.data.procedural import generate, make_story
 
 REPO = Path(__file__).resolve().parents[1]
 

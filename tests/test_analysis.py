@@ -16,7 +16,7 @@ from disentangle.config import PROCEDURAL_TASKS, DataConfig, RunConfig, TrainCon
 from disentangle.constraints import attention_entropy, head_usage_entropy
 from disentangle.data import Story
 from disentangle.model import Encoder, ModelConfig
-from disentangle.tasks import ANIMALS, NUMBERS, OBJECTS, PLACES, PRONOUN, generate, make_story
+from disentangle.data.procedural import ANIMALS, NUMBERS, OBJECTS, PLACES, PRONOUN, generate, make_story
 from disentangle.train import evaluate, run
 
 TINY_DATA = DataConfig(tasks=PROCEDURAL_TASKS, n_train=64, n_val=16, n_test=32, n_ood=8)

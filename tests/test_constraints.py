@@ -13,10 +13,7 @@ from disentangle.constraints import (
     CLUB,
     FORMULAS,
     MEASURE_CAPTURES,
-    Constraints,
     attention_entropy,
-    estimate_head_mi,
-    estimate_mi,
     head_usage_entropy,
     infonce_bound,
     infonce_mi,
@@ -26,7 +23,9 @@ from disentangle.constraints import (
     orthogonality_weights,
     pooled_heads,
 )
+from disentangle.analysis import estimate_head_mi, estimate_mi
 from disentangle.model import Encoder, EncoderOutput, ModelConfig
+from disentangle.objective import Constraints
 from numerics import tol
 from torch import Tensor
 
@@ -324,6 +323,11 @@ def test_weights_orthogonality_reaches_only_the_projections_it_names(model_batch
     assert set(terms) == {"orthogonality"}
 
 
+def club_of(constraints: Constraints) -> CLUB:
+    """The CLUB q held by the mutual-information arm's state."""
+    return constraints.states["mutual_information"].estimator
+
+
 def club_constraints(seed: int = 0, **overrides) -> Constraints:
     torch.manual_seed(seed)
     cfg = ConstraintConfig(mutual_information=1.0, mi_variant="club", mi_hidden=8, mi_lr=1e-2, **overrides)
@@ -345,17 +349,17 @@ def rig_identity_q(club: CLUB) -> None:
 def test_club_model_side_loss_does_not_update_q(model_batch):
     model, tokens, pad = model_batch
     constraints = club_constraints()  # mi_hidden = 8 = 2 · d_head
-    rig_identity_q(constraints.club)
-    before = copy.deepcopy(constraints.club.state_dict())
+    rig_identity_q(club_of(constraints))
+    before = copy.deepcopy(club_of(constraints).state_dict())
     out = model(tokens, pad, capture=constraints.captures)
     penalty, terms = constraints.loss(out, pad, model)
     assert terms["mutual_information"] > 0
     got = reached(model, penalty)
     assert {"blocks.0.attn.W_V", "blocks.1.attn.W_V"} <= got and "head.weight" not in got
-    assert all(p.grad is None for p in constraints.club.parameters())
+    assert all(p.grad is None for p in club_of(constraints).parameters())
     model.zero_grad(set_to_none=True)
     constraints.auxiliary_step(out, pad)  # q moves on its own step, from detached representations
-    assert any(not torch.equal(a, b) for a, b in zip(before.values(), constraints.club.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(before.values(), club_of(constraints).state_dict().values()))
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -449,7 +453,7 @@ def test_club_state_dict_round_trip_gives_identical_continuation(model_batch):
     for _ in range(3):
         logs = first.auxiliary_step(out, pad), second.auxiliary_step(out, pad)
         assert logs[0] == logs[1]
-    for a, b in zip(first.club.parameters(), second.club.parameters()):
+    for a, b in zip(club_of(first).parameters(), club_of(second).parameters()):
         assert torch.equal(a, b)
     assert torch.equal(first.loss(out, pad, model)[0], second.loss(out, pad, model)[0])
     with pytest.raises(ValueError, match="no MI estimator"):
@@ -571,11 +575,11 @@ def test_the_infonce_loss_reaches_the_heads_but_not_the_critic():
     constraints = trained_infonce(shared=True, steps=50)
     head_out, pad = heads_batch(shared=True, seed=10_000)
     head_out = [head_out[0].clone().requires_grad_(True)]
-    constraints.estimator.zero_grad(set_to_none=True)  # left over from the critic's own last step
+    constraints.states["mutual_information"].estimator.zero_grad(set_to_none=True)  # left over from the critic's own last step
     penalty, _ = constraints.loss(as_output(head_out, len(pad)), pad, None)
     penalty.backward()
     assert head_out[0].grad is not None and head_out[0].grad.abs().sum() > 0
-    assert all(p.grad is None for p in constraints.estimator.parameters())
+    assert all(p.grad is None for p in constraints.states["mutual_information"].estimator.parameters())
     again = trained_infonce(shared=True, steps=0)
     again.load_state_dict(copy.deepcopy(constraints.state_dict()))
     torch.testing.assert_close(again.loss(as_output(head_out, len(pad)), pad, None)[0], penalty.detach())

@@ -16,7 +16,7 @@ from numerics import tol
 
 from disentangle import train as train_mod
 from disentangle.config import ConfigError, RunConfig, run_hash
-from disentangle.constraints import Constraints
+from disentangle.objective import Constraints
 from disentangle.train import _batch_indices, lr_at, run, run_grid
 
 TINY = {

@@ -65,17 +65,16 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats as sps
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import stats
-from .constraints import estimate_pooled_head_mi, pooled_heads
-from .data import CLS, PUNCTUATION, SEP, Split, Story, TaskData, Vocab
+from .constraints import _EPS, CLUB, _BatchedMLP, _pairs, _standardise, infonce_bound, normalised_row_entropy, pooled_heads
+from .data import CLS, PUNCTUATION, SEP, Split, Story, TaskData, Vocab, iter_batches
+from .data.procedural import ANIMALS, OBJECTS, PLACES, PRONOUN
 from .model import Encoder
 
 Head = tuple[int, int]
 
-_TINY = torch.finfo(torch.float32).tiny
-_EPS = 1e-12
 
 # Columns of the per-example attention metrics, in display order.
 ATTENTION_METRICS = (
@@ -127,13 +126,6 @@ def _eval_mode(model: Encoder) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def _batches(split: Split, batch_size: int, device: torch.device) -> Iterator[dict[str, Tensor]]:
-    # The same as train.iter_batches; kept here so analysis does not import the training loop.
-    for start in range(0, len(split), batch_size):
-        b = split.batch(slice(start, start + batch_size))
-        yield {k: v.to(device) for k, v in b.items()}
 
 
 def _layers(model: Encoder, layers: Iterable[int] | None) -> list[int]:
@@ -236,8 +228,7 @@ def attention_metrics_from_tensors(
     A = attn.float() * realf[:, None, None, :]  # padded keys -> 0 (they already are, from the model)
 
     # Entropy of every row, normalised by log n (0 when n = 1).
-    inv_log_n = torch.where(n > 1, 1.0 / n.clamp_min(2.0).log(), 0.0)  # (B,)
-    ent = -(A * A.clamp_min(_TINY).log()).sum(-1) * inv_log_n[:, None, None]  # (B, H, T)
+    ent = normalised_row_entropy(A, padding_mask)  # (B, H, T), the constraint's own definition
     entropy = (ent * realf[:, None, :]).sum(-1) / n.clamp_min(1.0)[:, None]
     entropy_cls = ent[:, :, 0]
 
@@ -294,7 +285,7 @@ def attention_examples(
     H = model.cfg.n_heads
     chunks: dict[str, list[Tensor]] = {m: [] for m in ATTENTION_METRICS}
     with _eval_mode(model):
-        for b in _batches(split, batch_size, device):
+        for b in iter_batches(split, batch_size, device):
             out = model(b["tokens"], b["padding_mask"], capture="attn", segments=b["segments"])
             sink_mask = torch.isin(b["tokens"], sink_ids)
             per_layer = [attention_metrics_from_tensors(out.attn[layer], b["padding_mask"], b["support_mask"],
@@ -446,7 +437,7 @@ def head_similarity(
     count = torch.zeros((), device=device, dtype=torch.float64)
     pooled: dict[int, list[Tensor]] = {layer: [] for layer in layer_ids}
     with _eval_mode(model):
-        for b in _batches(split, batch_size, device):
+        for b in iter_batches(split, batch_size, device):
             capture = "attn" if kind == "attention" else "head_out"
             out = model(b["tokens"], b["padding_mask"], capture=capture, segments=b["segments"])
             for layer in layer_ids:
@@ -470,7 +461,7 @@ def _correct_and_loss(model: Encoder, split: Split, batch_size: int) -> tuple[np
     """Per example: 1.0 if the prediction is right, and the cross-entropy."""
     device = _device(model)
     correct, losses = [], []
-    for b in _batches(split, batch_size, device):
+    for b in iter_batches(split, batch_size, device):
         logits = model(b["tokens"], b["padding_mask"], segments=b["segments"]).logits.float()
         correct.append((logits.argmax(-1) == b["answers"]).float().cpu())
         losses.append(torch.nn.functional.cross_entropy(logits, b["answers"], reduction="none").cpu())
@@ -574,7 +565,7 @@ def head_usage(
     usage = torch.zeros(len(layer_ids), n_tasks, H, dtype=torch.float64)
     usage_cls = torch.zeros_like(usage)
     with _eval_mode(model):
-        for b in _batches(split, batch_size, device):
+        for b in iter_batches(split, batch_size, device):
             out = model(b["tokens"], b["padding_mask"], capture="head_contrib", segments=b["segments"])
             onehot = torch.nn.functional.one_hot(b["task_ids"], n_tasks).double()  # (B, n_tasks)
             for i, layer in enumerate(layer_ids):
@@ -603,8 +594,6 @@ def head_usage(
 
 
 def _entity_lexicons() -> list[tuple[str, set[str]]]:
-    from .tasks import ANIMALS, OBJECTS, PLACES, PRONOUN
-
     return [("person", set(PRONOUN)), ("object", set(OBJECTS)), ("animal", set(ANIMALS)), ("place", set(PLACES))]
 
 
@@ -738,7 +727,7 @@ def pooled_head_outputs(
     device = _device(model)
     chunks = []
     with _eval_mode(model):
-        for b in _batches(split, batch_size, device):
+        for b in iter_batches(split, batch_size, device):
             out = model(b["tokens"], b["padding_mask"], capture="head_out", segments=b["segments"])
             per_layer = [pooled_heads(out.head_out[layer], b["padding_mask"]) if pool == "mean"
                          else out.head_out[layer][:, :, 0].float() for layer in layer_ids]  # fmt: skip
@@ -1043,7 +1032,132 @@ def attention_for_story(model: Encoder, split: Split, index: int, heads: Sequenc
     }
 
 
+# ------------------------------------------------------------------------- post-hoc mutual information
+
+
+class SeparableCritic(nn.Module):
+    """n learnable critics s(x, y) = g(x)ᵀ h(y), g and h small MLPs (Poole et al. 2019's separable critic).
+
+    Scores all N² pairs with two MLP passes over N samples, so training it costs O(N) network evaluations,
+    not O(N²). ``forward(x (n, N, d_x), y (n, N, d_y)) -> (n, N, N)``, for :func:`infonce_bound`.
+    """
+
+    def __init__(
+        self, n: int, d_x: int, d_y: int, hidden: int = 64, embed: int = 32, generator: torch.Generator | None = None
+    ):
+        super().__init__()
+        self.g = _BatchedMLP(n, d_x, hidden, embed, generator)
+        self.h = _BatchedMLP(n, d_y, hidden, embed, generator)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.g(x) @ self.h(y).transpose(-1, -2)
+
+
+
+
+def estimate_mi(
+    x: Tensor,
+    y: Tensor,
+    method: str = "infonce",
+    steps: int = 300,
+    seed: int = 0,
+    batch_size: int = 256,
+    hidden: int = 64,
+    lr: float = 3e-3,
+    holdout: float = 0.5,
+) -> Tensor:
+    """MI estimates for n independent problems with a freshly trained critic (InfoNCE) or q (CLUB).
+
+    x: (n, N, d_x), y: (n, N, d_y), N paired samples each. Both are standardised per feature; a random
+    ``holdout`` fraction of the samples is kept out of training and the estimate is computed on it
+    (so the critic cannot overfit its way above the truth). Training: ``steps`` Adam steps at ``lr``
+    on random minibatches of ``batch_size``, seeded by ``seed`` (deterministic on a given machine).
+
+    - ``"infonce"``: :class:`SeparableCritic`, estimate = mean of :func:`infonce_bound` over held-out
+      batches of min(batch_size, held-out size) samples; a lower bound, capped at log(batch size).
+    - ``"club"``: :class:`CLUB` fitted by maximum likelihood; estimate = I_CLUB on all held-out samples.
+
+    Returns (n,) in nats, on x's device. Trains with gradients enabled even when called under
+    ``torch.no_grad()`` or ``torch.inference_mode()``.
+    """
+    if method not in ("infonce", "club"):
+        raise ValueError(f"method={method!r} is not one of ['infonce', 'club']")
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        x, y = x.detach().float().clone(), y.detach().float().clone()
+        return _estimate_mi(x, y, method, steps, seed, batch_size, hidden, lr, holdout)
+
+
+def _estimate_mi(
+    x: Tensor, y: Tensor, method: str, steps: int, seed: int, batch_size: int, hidden: int, lr: float, holdout: float
+) -> Tensor:
+    """:func:`estimate_mi` proper, on fresh float32 copies, with autograd on."""
+    n, N = x.shape[:2]
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _standardise(x), _standardise(y)
+    order = torch.randperm(N, generator=gen)
+    n_eval = max(2, int(round(N * holdout)))
+    if N - n_eval < 2:
+        raise ValueError(f"need more samples: N={N} leaves {N - n_eval} for training with holdout={holdout}")
+    eval_idx, train_idx = order[:n_eval].to(x.device), order[n_eval:]
+    if method == "infonce":
+        net: nn.Module = SeparableCritic(n, x.shape[-1], y.shape[-1], hidden, generator=gen).to(x.device)
+    else:
+        net = CLUB(n, x.shape[-1], y.shape[-1], hidden, generator=gen).to(x.device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    b = min(batch_size, len(train_idx))
+    for _ in range(steps):
+        idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:b]].to(x.device)
+        xb, yb = x[:, idx], y[:, idx]
+        objective = infonce_bound(xb, yb, critic=net) if method == "infonce" else net.log_likelihood(xb, yb)
+        opt.zero_grad(set_to_none=True)
+        (-objective.sum()).backward()  # a sum, so each problem's gradient ignores the others
+        opt.step()
+    with torch.no_grad():
+        xe, ye = x[:, eval_idx], y[:, eval_idx]
+        if method == "club":
+            return net(xe, ye)
+        be = min(batch_size, n_eval)
+        chunks = torch.arange(n_eval // be * be, device=x.device).view(-1, be)  # (n_batches, be)
+        return torch.stack([infonce_bound(xe[:, c], ye[:, c], critic=net) for c in chunks]).mean(0)
+
+
+def estimate_pooled_head_mi(
+    pooled: list[Tensor], method: str = "infonce", steps: int = 300, seed: int = 0, **kwargs
+) -> list[Tensor]:
+    """Per layer (H, H) matrix of MI estimates between heads, from pooled representations.
+
+    pooled: per layer (N, H, d_head), e.g. :func:`pooled_heads` of many batches concatenated along N.
+    Entry (i, j) = (j, i) = :func:`estimate_mi` of (head i, head j) for i<j (CLUB conditions head j on
+    head i); the diagonal is NaN (a head's MI with itself is its entropy, not an estimate of anything
+    here). All pairs of all layers are fitted together, one independent critic each. kwargs go to
+    :func:`estimate_mi`.
+    """
+    P = torch.stack([p.detach().float() for p in pooled])  # (L, N, H, dh)
+    L, _, H, _ = P.shape
+    i, j = _pairs(H, P.device)
+    x = P[:, :, i].transpose(1, 2).flatten(0, 1)  # (L·P, N, dh)
+    y = P[:, :, j].transpose(1, 2).flatten(0, 1)
+    est = estimate_mi(x, y, method, steps, seed, **kwargs).view(L, -1).cpu() if len(i) else torch.empty(L, 0)
+    out = torch.full((L, H, H), float("nan"))
+    out[:, i.cpu(), j.cpu()] = est
+    out[:, j.cpu(), i.cpu()] = est
+    return list(out)
+
+
+def estimate_head_mi(
+    head_out: list[Tensor], padding_mask: Tensor, method: str = "infonce", steps: int = 300, seed: int = 0, **kwargs
+) -> list[Tensor]:
+    """Per layer (H, H) MI estimates between heads' pooled outputs in one batch: head_out per layer
+    (B, H, T, d_head), padding_mask (B, T). See :func:`estimate_pooled_head_mi` (use it directly to pool
+    over many batches: more samples, tighter estimates)."""
+    return estimate_pooled_head_mi([pooled_heads(z, padding_mask) for z in head_out], method, steps, seed, **kwargs)
+
+
 __all__ = [
+    "SeparableCritic",
+    "estimate_head_mi",
+    "estimate_mi",
+    "estimate_pooled_head_mi",
     "ATTENTION_METRICS",
     "METRICS",
     "attention_examples",

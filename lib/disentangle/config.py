@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from .arms import ARMS, constraint_names
+from .constraints import MI_VARIANTS, ORTHOGONALITY_VARIANTS  # noqa: F401 (re-exported)
 from .model import ModelConfig
 from .schema import Config, ConfigError, at_least, one_of, positive
 
@@ -108,46 +110,34 @@ class TrainConfig(Config):
         return p
 
 
-ORTHOGONALITY_VARIANTS = ("outputs", "weights", "attention")
-MI_VARIANTS = ("infonce", "club")
+def _constraint_problems(self) -> list[str]:
+    p: list[str] = []
+    for arm in ARMS.values():
+        if arm.fields:
+            p += arm.problems(self)
+    return p + [f"layers: {layer} must be >= 0" for layer in self.layers if layer < 0]
 
 
-@dataclass(frozen=True)
-class ConstraintConfig(Config):
-    """Weights of the four head constraints (0 = off). Loss = CE + sum of weight x constraint."""
+def _active(self) -> dict[str, float]:
+    """The constraints with a non-zero weight, by name, in registry order."""
+    return {n: getattr(self, n) for n in constraint_names() if getattr(self, n) > 0}
 
-    orthogonality: float = 0.0
-    orthogonality_variant: str = "outputs"  # "outputs", "weights" (Q/K/V subspaces) or "attention" (maps)
-    orthogonality_on: str = "qkv"  # for variant "weights": which projections, any of "q", "k", "v"
-    mutual_information: float = 0.0
-    mi_variant: str = "infonce"  # "infonce" (lower bound, minimised) or "club" (upper bound, Cheng et al. 2020)
-    mi_temperature: float = 0.1  # InfoNCE critic: cosine similarity of learned projections / temperature
-    # Both estimators need a trained network (InfoNCE's critic, CLUB's q), one per head pair, trained in
-    # alternation with the model: a fixed critic cannot see dependence between heads' different bases.
-    mi_hidden: int = 32  # hidden (and, for InfoNCE, embedding) width of that network
-    mi_lr: float = 1e-3  # its learning rate
-    attention_entropy: float = 0.0
-    head_usage: float = 0.0
-    layers: tuple[int, ...] = ()  # layers the constraints act on; empty = every global (not sentence-local) layer
 
-    def problems(self) -> list[str]:
-        p: list[str] = []
-        for name in ("orthogonality", "mutual_information", "attention_entropy", "head_usage"):
-            p += at_least(name, getattr(self, name), 0.0)
-        p += one_of("orthogonality_variant", self.orthogonality_variant, ORTHOGONALITY_VARIANTS)
-        if not self.orthogonality_on or set(self.orthogonality_on) - set("qkv"):
-            p.append(f"orthogonality_on={self.orthogonality_on!r} must be a non-empty combination of 'q', 'k', 'v'")
-        p += one_of("mi_variant", self.mi_variant, MI_VARIANTS)
-        p += positive("mi_temperature", self.mi_temperature)
-        p += positive("mi_hidden", self.mi_hidden)
-        p += positive("mi_lr", self.mi_lr)
-        p += [f"layers: {layer} must be >= 0" for layer in self.layers if layer < 0]
-        return p
-
-    def active(self) -> dict[str, float]:
-        """The constraints with a non-zero weight, by name."""
-        names = ("orthogonality", "mutual_information", "attention_entropy", "head_usage")
-        return {n: getattr(self, n) for n in names if getattr(self, n) > 0}
+# The constraints' weights and options, one group of fields per constraint arm of the registry (arms.py:
+# each field's default and why are declared there), plus the layers they act on. Assembled rather than
+# written out so that adding a constraint is one registry entry; the fields and the run hash are the
+# same as a hand-written dataclass with these fields in this order.
+ConstraintConfig = make_dataclass(
+    "ConstraintConfig",
+    [(f.name, f.type, field(default=f.default, metadata={"doc": f.doc})) for arm in ARMS.values() for f in arm.fields]
+    + [("layers", tuple[int, ...], field(default=(), metadata={
+        "doc": "layers the constraints act on; empty = every global (not sentence-local) layer"}))],
+    bases=(Config,),
+    frozen=True,
+    namespace={"problems": _constraint_problems, "active": _active, "__module__": __name__,
+               "__doc__": "Weights of the head constraints (0 = off) and their options; Loss = CE + Σ weight × constraint.\n\n"
+                          + "\n".join(f"- ``{f.name}`` = {f.default!r}: {f.doc}" for arm in ARMS.values() for f in arm.fields)},
+)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ The model knows nothing about them (x-transformers style): a constraint reads pe
 
     L = CE + Σ_c w_c · L_c          (weights w_c from the run's ConstraintConfig; 0 = off)
 
-and :class:`Constraints` is the object the training loop holds::
+and :class:`~disentangle.objective.Constraints` (built from the arms registry, :mod:`disentangle.arms`)
+is the object the training loop holds::
 
     constraints = Constraints(cfg.constraints, model_cfg, device=device)
     out = model(tokens, padding_mask, capture=constraints.captures)   # only what the active losses read
@@ -20,7 +21,7 @@ and :class:`Constraints` is the object the training loop holds::
 | orthogonality, variant ``weights`` | :func:`orthogonality_weights` | ``model.per_head_weights`` |
 | orthogonality, variant ``attention`` | :func:`orthogonality_attention` | ``attn`` |
 | mutual information, ``infonce`` | :func:`infonce_mi` | ``head_out`` |
-| mutual information, ``club`` | :class:`CLUB` (held by :class:`Constraints`) | ``head_out`` |
+| mutual information, ``club`` | :class:`CLUB` (held by :class:`MIEstimator`) | ``head_out`` |
 | attention-entropy sparsity | :func:`attention_entropy` | ``attn`` |
 | head-usage sparsity | :func:`head_usage_entropy` | ``head_contrib`` |
 
@@ -36,7 +37,7 @@ on it have hand-written backward passes (:class:`_RowEntropy`, :class:`_PairCosi
 about half as often as autograd would; ``benchmarks/bench_constraints.py`` measures the result.
 
 :data:`FORMULAS` holds each formula as short Markdown in Unicode math (no LaTeX) for the notebooks;
-:func:`measure` evaluates every constraint on any model (constrained or not); :func:`estimate_head_mi`
+:func:`measure` evaluates every constraint on any model (constrained or not); ``analysis.estimate_head_mi``
 gives post-hoc InfoNCE and CLUB estimates with freshly trained critics.
 """
 
@@ -52,14 +53,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ConstraintConfig
-from .model import Encoder, EncoderOutput, ModelConfig
+from .model import Encoder, EncoderOutput
 
 # Smallest positive float32: clamping probabilities to it before the log keeps p·log p (and its
 # gradient log p + 1) finite at p = 0, where attention to padding keys is exactly 0.
 _TINY = torch.finfo(torch.float32).tiny
 # Keeps divisions by norms and standard deviations finite for all-zero inputs (then the result is 0).
 _EPS = 1e-12
+
+ORTHOGONALITY_VARIANTS = ("outputs", "weights", "attention")
+MI_VARIANTS = ("infonce", "club")
 
 FORMULAS: dict[str, str] = {
     "orthogonality_outputs": (
@@ -442,29 +445,11 @@ class _BatchedMLP(nn.Module):
         return torch.baddbmm(b2, torch.baddbmm(b1, x, w1).relu(), w2)
 
 
-class SeparableCritic(nn.Module):
-    """n learnable critics s(x, y) = g(x)ᵀ h(y), g and h small MLPs (Poole et al. 2019's separable critic).
-
-    Scores all N² pairs with two MLP passes over N samples, so training it costs O(N) network evaluations,
-    not O(N²). ``forward(x (n, N, d_x), y (n, N, d_y)) -> (n, N, N)``, for :func:`infonce_bound`.
-    """
-
-    def __init__(
-        self, n: int, d_x: int, d_y: int, hidden: int = 64, embed: int = 32, generator: torch.Generator | None = None
-    ):
-        super().__init__()
-        self.g = _BatchedMLP(n, d_x, hidden, embed, generator)
-        self.h = _BatchedMLP(n, d_y, hidden, embed, generator)
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.g(x) @ self.h(y).transpose(-1, -2)
-
-
 class CosineCritic(nn.Module):
     """n learnable InfoNCE critics s(x, y) = cos(g(x), h(y)) / τ, g and h one-hidden-layer MLPs.
 
     The cosine/temperature critic of SimCLR-style InfoNCE, on learned projections: trained to *maximise*
-    I_NCE (Constraints.auxiliary_step, on detached representations), it makes InfoNCE a (lower-bound)
+    I_NCE (MIEstimator.auxiliary_step, on detached representations), it makes InfoNCE a (lower-bound)
     MI estimate between two heads; the model then minimises I_NCE with the critic frozen. The cosine
     bounds every score to [−1/τ, 1/τ], which keeps the adversarial game tame.
     ``forward(x (n, N, d_x), y (n, N, d_y), frozen) -> (n, N, N)``.
@@ -531,105 +516,82 @@ def _standardise(x: Tensor) -> Tensor:
     return (x - x.mean(-2, keepdim=True)) / (x.var(-2, unbiased=False, keepdim=True) + _EPS).sqrt()
 
 
-def estimate_mi(
-    x: Tensor,
-    y: Tensor,
-    method: str = "infonce",
-    steps: int = 300,
-    seed: int = 0,
-    batch_size: int = 256,
-    hidden: int = 64,
-    lr: float = 3e-3,
-    holdout: float = 0.5,
-) -> Tensor:
-    """MI estimates for n independent problems with a freshly trained critic (InfoNCE) or q (CLUB).
+class MIEstimator:
+    """The mutual-information constraint's state: one estimator network per head pair of the constrained
+    layers, and its Adam, trained in alternation with the model.
 
-    x: (n, N, d_x), y: (n, N, d_y), N paired samples each. Both are standardised per feature; a random
-    ``holdout`` fraction of the samples is kept out of training and the estimate is computed on it
-    (so the critic cannot overfit its way above the truth). Training: ``steps`` Adam steps at ``lr``
-    on random minibatches of ``batch_size``, seeded by ``seed`` (deterministic on a given machine).
-
-    - ``"infonce"``: :class:`SeparableCritic`, estimate = mean of :func:`infonce_bound` over held-out
-      batches of min(batch_size, held-out size) samples; a lower bound, capped at log(batch size).
-    - ``"club"``: :class:`CLUB` fitted by maximum likelihood; estimate = I_CLUB on all held-out samples.
-
-    Returns (n,) in nats, on x's device. Trains with gradients enabled even when called under
-    ``torch.no_grad()`` or ``torch.inference_mode()``.
+    On the pooled head outputs standardised over the batch (lr ``lr``, width ``hidden``): InfoNCE
+    (``variant="infonce"``) with a :class:`CosineCritic` that :meth:`auxiliary_step` moves one Adam step
+    up I_NCE; CLUB (``"club"``) with a q that it moves one maximum-likelihood step. The model minimises
+    the mean over pairs of max(estimate, 0) with the network frozen (:meth:`loss`). The network is
+    initialised from the global torch RNG, so the run's seed fixes it.
     """
-    if method not in ("infonce", "club"):
-        raise ValueError(f"method={method!r} is not one of ['infonce', 'club']")
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-        x, y = x.detach().float().clone(), y.detach().float().clone()
-        return _estimate_mi(x, y, method, steps, seed, batch_size, hidden, lr, holdout)
 
+    def __init__(self, variant: str, n_layers: int, n_heads: int, d_head: int, hidden: int, temperature: float,
+                 lr: float, device: torch.device | str | None = None):
+        if variant not in MI_VARIANTS:
+            raise ValueError(f"mi_variant={variant!r} is not one of {list(MI_VARIANTS)}")
+        self.temperature = temperature
+        n_pairs = n_layers * n_heads * (n_heads - 1) // 2
+        if variant == "club":
+            self.estimator: CLUB | CosineCritic = CLUB(n_pairs, d_head, d_head, hidden)
+        else:
+            self.estimator = CosineCritic(n_pairs, d_head, d_head, hidden, temperature)
+        self.estimator = self.estimator.to(device)
+        self.optimizer = torch.optim.Adam(self.estimator.parameters(), lr=lr)
 
-def _estimate_mi(
-    x: Tensor, y: Tensor, method: str, steps: int, seed: int, batch_size: int, hidden: int, lr: float, holdout: float
-) -> Tensor:
-    """:func:`estimate_mi` proper, on fresh float32 copies, with autograd on."""
-    n, N = x.shape[:2]
-    gen = torch.Generator().manual_seed(seed)
-    x, y = _standardise(x), _standardise(y)
-    order = torch.randperm(N, generator=gen)
-    n_eval = max(2, int(round(N * holdout)))
-    if N - n_eval < 2:
-        raise ValueError(f"need more samples: N={N} leaves {N - n_eval} for training with holdout={holdout}")
-    eval_idx, train_idx = order[:n_eval].to(x.device), order[n_eval:]
-    if method == "infonce":
-        net: nn.Module = SeparableCritic(n, x.shape[-1], y.shape[-1], hidden, generator=gen).to(x.device)
-    else:
-        net = CLUB(n, x.shape[-1], y.shape[-1], hidden, generator=gen).to(x.device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    b = min(batch_size, len(train_idx))
-    for _ in range(steps):
-        idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:b]].to(x.device)
-        xb, yb = x[:, idx], y[:, idx]
-        objective = infonce_bound(xb, yb, critic=net) if method == "infonce" else net.log_likelihood(xb, yb)
-        opt.zero_grad(set_to_none=True)
-        (-objective.sum()).backward()  # a sum, so each problem's gradient ignores the others
-        opt.step()
-    with torch.no_grad():
-        xe, ye = x[:, eval_idx], y[:, eval_idx]
-        if method == "club":
-            return net(xe, ye)
-        be = min(batch_size, n_eval)
-        chunks = torch.arange(n_eval // be * be, device=x.device).view(-1, be)  # (n_batches, be)
-        return torch.stack([infonce_bound(xe[:, c], ye[:, c], critic=net) for c in chunks]).mean(0)
+    @staticmethod
+    def _inputs(head_out: list[Tensor], padding_mask: Tensor, detach: bool = False) -> tuple[Tensor, Tensor]:
+        """Standardised pooled outputs of every head pair: x, y (L·P, B, d_head)."""
+        x, y = _head_pairs([z.detach() if detach else z for z in head_out], padding_mask)
+        return _standardise(x), _standardise(y)
 
+    def loss(self, head_out: list[Tensor], padding_mask: Tensor) -> Tensor:
+        """The constraint on the constrained layers' head outputs (per layer (B, H, T, d_head))."""
+        if isinstance(self.estimator, CosineCritic):
+            return infonce_mi(head_out, padding_mask, self.temperature, critic=self.estimator).loss
+        with torch.autocast(padding_mask.device.type, enabled=False):
+            est = self.estimator(*self._inputs(head_out, padding_mask), frozen=True)  # (L·P,)
+        return _pair_mean(est.clamp_min(0.0))  # clamped like InfoNCE: below 0 only exploits a stale q
 
-def estimate_pooled_head_mi(
-    pooled: list[Tensor], method: str = "infonce", steps: int = 300, seed: int = 0, **kwargs
-) -> list[Tensor]:
-    """Per layer (H, H) matrix of MI estimates between heads, from pooled representations.
+    def auxiliary_step(self, head_out: list[Tensor], padding_mask: Tensor) -> dict[str, float]:
+        """One Adam step of the estimator on the detached representations (alternating with the model's
+        step): up I_NCE for InfoNCE's critic, up the log-likelihood for CLUB's q. Returns
+        ``critic_infonce`` or ``club_nll``, before the step."""
+        with torch.enable_grad(), torch.autocast(padding_mask.device.type, enabled=False):
+            x, y = self._inputs(head_out, padding_mask, detach=True)
+            if isinstance(self.estimator, CLUB):
+                objective, name = -self.estimator.log_likelihood(x, y).mean(), "club_nll"
+            else:
+                objective, name = -infonce_bound(x, y, critic=self.estimator).mean(), "critic_infonce"
+            self.optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            self.optimizer.step()
+        value = objective.item()
+        return {name: value if name == "club_nll" else -value}
 
-    pooled: per layer (N, H, d_head), e.g. :func:`pooled_heads` of many batches concatenated along N.
-    Entry (i, j) = (j, i) = :func:`estimate_mi` of (head i, head j) for i<j (CLUB conditions head j on
-    head i); the diagonal is NaN (a head's MI with itself is its entropy, not an estimate of anything
-    here). All pairs of all layers are fitted together, one independent critic each. kwargs go to
-    :func:`estimate_mi`.
-    """
-    P = torch.stack([p.detach().float() for p in pooled])  # (L, N, H, dh)
-    L, _, H, _ = P.shape
-    i, j = _pairs(H, P.device)
-    x = P[:, :, i].transpose(1, 2).flatten(0, 1)  # (L·P, N, dh)
-    y = P[:, :, j].transpose(1, 2).flatten(0, 1)
-    est = estimate_mi(x, y, method, steps, seed, **kwargs).view(L, -1).cpu() if len(i) else torch.empty(L, 0)
-    out = torch.full((L, H, H), float("nan"))
-    out[:, i.cpu(), j.cpu()] = est
-    out[:, j.cpu(), i.cpu()] = est
-    return list(out)
+    def state_dict(self) -> dict:
+        """The estimator and its optimiser, for exact checkpoint/resume."""
+        return {"estimator": self.estimator.state_dict(), "estimator_optimizer": self.optimizer.state_dict()}
 
-
-def estimate_head_mi(
-    head_out: list[Tensor], padding_mask: Tensor, method: str = "infonce", steps: int = 300, seed: int = 0, **kwargs
-) -> list[Tensor]:
-    """Per layer (H, H) MI estimates between heads' pooled outputs in one batch: head_out per layer
-    (B, H, T, d_head), padding_mask (B, T). See :func:`estimate_pooled_head_mi` (use it directly to pool
-    over many batches: more samples, tighter estimates)."""
-    return estimate_pooled_head_mi([pooled_heads(z, padding_mask) for z in head_out], method, steps, seed, **kwargs)
+    def load_state_dict(self, state: dict) -> None:
+        self.estimator.load_state_dict(state["estimator"])
+        self.optimizer.load_state_dict(state["estimator_optimizer"])
 
 
 # ------------------------------------------------------------------------------------------- sparsity
+
+
+def normalised_row_entropy(attn: Tensor, padding_mask: Tensor) -> Tensor:
+    """H(A[b, h, q, ·]) / log n_b for every attention row: (B, H, T) from attn (B, H, T, T).
+
+    H = −Σ_k A log A over the n_b real keys of sample b; 1 = uniform, 0 = one-hot, and 0 when n_b = 1.
+    The one definition of normalised attention entropy: the constraint averages it over real queries,
+    analysis reports it per head, so the two can never drift apart.
+    """
+    n_real = (~padding_mask).sum(1)  # (B,)
+    inv_log_n = torch.where(n_real > 1, 1.0 / n_real.float().clamp_min(2.0).log(), 0.0)  # 1 / log n_b, or 0
+    return _RowEntropy.apply(_upcast(attn), padding_mask[:, None, None, :]) * inv_log_n[:, None, None]
 
 
 @_full_precision
@@ -650,13 +612,10 @@ def attention_entropy(attn: list[Tensor], padding_mask: Tensor) -> ConstraintRes
     (per-head means).
     """
     _check_layers(attn, "attn")
-    n_real = (~padding_mask).sum(1)  # (B,)
-    inv_log_n = torch.where(n_real > 1, 1.0 / n_real.float().clamp_min(2.0).log(), 0.0)  # 1 / log n_b, or 0
-    pad_keys = padding_mask[:, None, None, :]
     real = (~padding_mask).float()
     per_layer, head_means = [], []
     for A in attn:
-        ent = _RowEntropy.apply(_upcast(A), pad_keys) * inv_log_n[:, None, None]  # (B, H, T), normalised
+        ent = normalised_row_entropy(A, padding_mask)  # (B, H, T)
         per_layer.append(torch.where(padding_mask, 0.0, ent.mean(1)))
         head_means.append(torch.einsum("bht,bt->h", ent.detach(), real.to(ent.dtype)) / real.sum().clamp_min(1.0))
     head_means = torch.cat(head_means)
@@ -694,136 +653,6 @@ def head_usage_entropy(head_contrib: list[Tensor], padding_mask: Tensor) -> Cons
     return ConstraintResult(loss, None, _floats(max_share=p.max(), effective_heads=ent.exp().mean()))
 
 
-# ------------------------------------------------------------------------------------- training object
-
-
-CONSTRAINT_NAMES = ("orthogonality", "mutual_information", "attention_entropy", "head_usage")
-
-
-class Constraints:
-    """What the training loop uses. Built from the run's config.
-
-    Holds the weights, the layers the constraints act on (``ConstraintConfig.layers``, empty = all),
-    what the model must capture, and the state of the mutual-information estimator (a network per head
-    pair and its Adam), which belongs here and not in the model; the other constraints have no state.
-
-    Mutual information: one estimator network per head pair of each selected layer, on the pooled head
-    outputs standardised over the batch, trained in alternation with the model (lr ``mi_lr``, width
-    ``mi_hidden``): InfoNCE (``mi_variant="infonce"``) with a :class:`CosineCritic` that
-    :meth:`auxiliary_step` moves one Adam step up I_NCE; CLUB (``"club"``) with a q that it moves one
-    maximum-likelihood step. The model minimises the mean over pairs of max(estimate, 0) with the
-    network frozen. The network is initialised from the global torch RNG, so the run's seed fixes it.
-    """
-
-    def __init__(self, cfg: ConstraintConfig, model_cfg: ModelConfig, device: torch.device | str | None = None):
-        bad = [layer for layer in cfg.layers if not 0 <= layer < model_cfg.n_layers]
-        if bad:
-            raise ValueError(f"constraints.layers: {bad} are not layers (model.n_layers={model_cfg.n_layers})")
-        self.cfg = cfg
-        self.weights = cfg.active()
-        # Default: the global layers. A sentence-local layer sees one sentence at a time, so its heads cannot
-        # take part in cross-sentence reasoning; constraining them is opt-in (list them in cfg.layers).
-        self.layers = tuple(cfg.layers) or tuple(range(model_cfg.local_layers, model_cfg.n_layers))
-        needs: set[str] = set()
-        if "orthogonality" in self.weights:
-            needs |= {"outputs": {"head_out"}, "weights": set(), "attention": {"attn"}}[cfg.orthogonality_variant]
-        if "mutual_information" in self.weights:
-            needs.add("head_out")
-        if "attention_entropy" in self.weights:
-            needs.add("attn")
-        if "head_usage" in self.weights:
-            needs.add("head_contrib")
-        self.captures: frozenset[str] = frozenset(needs)
-        self.estimator: CLUB | CosineCritic | None = None
-        self.estimator_optimizer: torch.optim.Optimizer | None = None
-        if "mutual_information" in self.weights:
-            n_pairs = len(self.layers) * model_cfg.n_heads * (model_cfg.n_heads - 1) // 2
-            d = model_cfg.d_head
-            if cfg.mi_variant == "club":
-                self.estimator = CLUB(n_pairs, d, d, cfg.mi_hidden)
-            else:
-                self.estimator = CosineCritic(n_pairs, d, d, cfg.mi_hidden, cfg.mi_temperature)
-            self.estimator = self.estimator.to(device)
-            self.estimator_optimizer = torch.optim.Adam(self.estimator.parameters(), lr=cfg.mi_lr)
-
-    @property
-    def club(self) -> CLUB | None:
-        """CLUB's q when the MI variant is CLUB, else None."""
-        return self.estimator if isinstance(self.estimator, CLUB) else None
-
-    def _select(self, per_layer: list[Tensor]) -> list[Tensor]:
-        return [per_layer[layer] for layer in self.layers]
-
-    def _mi_inputs(self, out: EncoderOutput, padding_mask: Tensor, detach: bool = False) -> tuple[Tensor, Tensor]:
-        """Standardised pooled outputs of every head pair of the selected layers: x, y (L·P, B, d_head)."""
-        head_out = [z.detach() if detach else z for z in self._select(out.head_out)]
-        x, y = _head_pairs(head_out, padding_mask)
-        return _standardise(x), _standardise(y)
-
-    def _one(self, name: str, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> Tensor:
-        cfg = self.cfg
-        if name == "orthogonality":
-            if cfg.orthogonality_variant == "outputs":
-                return orthogonality_outputs(self._select(out.head_out), padding_mask).loss
-            if cfg.orthogonality_variant == "attention":
-                return orthogonality_attention(self._select(out.attn), padding_mask).loss
-            blocks = [w for which in cfg.orthogonality_on for w in self._select(model.per_head_weights(which))]
-            return orthogonality_weights(blocks).loss
-        if name == "mutual_information":
-            if isinstance(self.estimator, CosineCritic):
-                return infonce_mi(self._select(out.head_out), padding_mask, cfg.mi_temperature, critic=self.estimator).loss
-            with torch.autocast(padding_mask.device.type, enabled=False):
-                est = self.estimator(*self._mi_inputs(out, padding_mask), frozen=True)  # (L·P,)
-            return _pair_mean(est.clamp_min(0.0))  # clamped like InfoNCE: below 0 only exploits a stale q
-        if name == "attention_entropy":
-            return attention_entropy(self._select(out.attn), padding_mask).loss
-        return head_usage_entropy(self._select(out.head_contrib), padding_mask).loss
-
-    def loss(self, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> tuple[Tensor, dict[str, float]]:
-        """Σ weight × constraint over the active constraints: a 0-dim float32 tensor, exactly 0.0 when
-        none is active (so CE + it == CE bit for bit), and each active constraint's raw (unweighted)
-        value keyed "orthogonality", "mutual_information", "attention_entropy", "head_usage"."""
-        total = torch.zeros((), device=out.logits.device)
-        raw: dict[str, Tensor] = {}
-        for name in CONSTRAINT_NAMES:
-            if name in self.weights:
-                raw[name] = self._one(name, out, padding_mask, model)
-                total = total + self.weights[name] * raw[name]
-        return total, _floats(**raw)
-
-    def auxiliary_step(self, out: EncoderOutput, padding_mask: Tensor) -> dict[str, float]:
-        """One Adam step of the MI estimator on the detached representations of ``out`` (alternating with
-        the model's step): up I_NCE for InfoNCE's critic, up the log-likelihood for CLUB's q; a no-op
-        returning {} without one. Returns ``critic_infonce`` or ``club_nll``, before the step."""
-        if self.estimator is None:
-            return {}
-        with torch.enable_grad(), torch.autocast(padding_mask.device.type, enabled=False):
-            x, y = self._mi_inputs(out, padding_mask, detach=True)
-            if isinstance(self.estimator, CLUB):
-                objective, name = -self.estimator.log_likelihood(x, y).mean(), "club_nll"
-            else:
-                objective, name = -infonce_bound(x, y, critic=self.estimator).mean(), "critic_infonce"
-            self.estimator_optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            self.estimator_optimizer.step()
-        value = objective.item()
-        return {name: value if name == "club_nll" else -value}
-
-    def state_dict(self) -> dict:
-        """The MI estimator and its optimiser ({} without one), for exact checkpoint/resume."""
-        if self.estimator is None:
-            return {}
-        return {"estimator": self.estimator.state_dict(), "estimator_optimizer": self.estimator_optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.estimator is None:
-            if state:
-                raise ValueError(f"state has {sorted(state)} but this run's constraints have no state (no MI estimator)")
-            return
-        self.estimator.load_state_dict(state["estimator"])
-        self.estimator_optimizer.load_state_dict(state["estimator_optimizer"])
-
-
 # ----------------------------------------------------------------------------------------------- measure
 
 
@@ -843,7 +672,7 @@ def measure(
     Used to ask "does the loss do what it says" on the test set, for constrained and unconstrained
     models alike. Keys are those of :data:`FORMULAS` but the two MI estimators (``orthogonality_weights``
     averages Q, K and V; ``orthogonality_weights_q`` etc. give each), plus ``<key>/<diagnostic>``. Mutual
-    information needs a freshly trained critic or q on the model's outputs: see :func:`estimate_head_mi`
+    information needs a freshly trained critic or q on the model's outputs: see ``analysis.estimate_head_mi``
     (and ``analysis.posthoc_mi``). ``layers``: the layers measured (default: the global layers, those the
     constraints act on by default).
     """
@@ -869,17 +698,17 @@ __all__ = [
     "CLUB",
     "FORMULAS",
     "MEASURE_CAPTURES",
+    "MI_VARIANTS",
+    "ORTHOGONALITY_VARIANTS",
     "ConstraintResult",
-    "Constraints",
-    "SeparableCritic",
+    "CosineCritic",
+    "MIEstimator",
     "attention_entropy",
-    "estimate_head_mi",
-    "estimate_mi",
-    "estimate_pooled_head_mi",
     "head_usage_entropy",
     "infonce_bound",
     "infonce_mi",
     "measure",
+    "normalised_row_entropy",
     "orthogonality_attention",
     "orthogonality_outputs",
     "orthogonality_weights",

@@ -19,23 +19,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import MI_VARIANTS, ORTHOGONALITY_VARIANTS, ConfigError, RunConfig
+from .arms import ARMS as REGISTRY
+from .arms import constraint_names
+from .arms import get as get_arm
+from .config import ConfigError, RunConfig
 from .stats import mean_ci
 from .train import run_grid
 
-CONSTRAINTS = ("orthogonality", "mutual_information", "attention_entropy", "head_usage")
+CONSTRAINTS = constraint_names()
 # which constraints the capacity grid grows beyond the default size (Study.capacity)
 ARMS = ("all", "costly", "costliest")
-LABELS = {
-    "baseline": "baseline",
-    "orthogonality": "orthogonality",
-    "mutual_information": "mutual information",
-    "attention_entropy": "attention entropy",
-    "head_usage": "head usage",
-}
-# The config field holding each constraint's variant, and its allowed values.
-VARIANT_FIELDS = {"orthogonality": ("orthogonality_variant", ORTHOGONALITY_VARIANTS),
-                  "mutual_information": ("mi_variant", MI_VARIANTS)}
+# The config field holding each constraint's variant, and its allowed values (from the registry).
+VARIANT_FIELDS = {a.name: (a.variant_field, a.variants) for a in REGISTRY.values() if a.variant_field}
 
 
 def constraint_of(cfg: RunConfig) -> tuple[str, float]:
@@ -57,6 +52,7 @@ class Study:
     variants: dict[str, str] = field(default_factory=dict)  # e.g. {"orthogonality": "outputs", "mutual_information": "infonce"}
     n_jobs: int | None = None  # parallel training processes (None = one per CPU core)
     cache_dir: Path | None = None
+    _chosen: dict[float, pd.DataFrame] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_parameters(
@@ -107,10 +103,7 @@ class Study:
             return cfg
         if constraint not in CONSTRAINTS:
             raise ConfigError([f"constraint={constraint!r} is not one of {['baseline', *CONSTRAINTS]}"])
-        extra = {f"constraints.{constraint}": float(weight)}
-        if constraint in VARIANT_FIELDS and constraint in self.variants:
-            extra[f"constraints.{VARIANT_FIELDS[constraint][0]}"] = self.variants[constraint]
-        return cfg.replace(**extra)
+        return get_arm(constraint).apply(cfg, weight, self.variants.get(constraint))
 
     def run(self, configs: Sequence[RunConfig], desc: str = "runs") -> tuple[pd.DataFrame, pd.DataFrame]:
         """``run_grid`` plus ``constraint`` and ``weight`` columns."""
@@ -151,6 +144,12 @@ class Study:
         self.run(configs, desc="sweeps")
 
     def chosen_weights(self, retain: float = 0.5) -> pd.DataFrame:
+        """See :meth:`_choose_weights`; computed once per study and ``retain`` (a copy each call)."""
+        if retain not in self._chosen:
+            self._chosen[retain] = self._choose_weights(retain)
+        return self._chosen[retain].copy()
+
+    def _choose_weights(self, retain: float) -> pd.DataFrame:
         """One weight per constraint: the largest swept weight that keeps ``retain`` of the baseline's
         accuracy above chance — it costs accuracy without destroying the model.
 

@@ -49,14 +49,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import data as data_mod
 from .config import CODE_VERSION, ConfigError, DataConfig, RunConfig, flatten, run_hash
-from .constraints import MEASURE_CAPTURES, Constraints, measure
-from .data import Split, TaskData
+from .constraints import MEASURE_CAPTURES, measure
+from .objective import Constraints
+from .data import Split, TaskData, iter_batches
+from .data import build as build_data
+from .paths import REPO
 from .model import Encoder
 
 STATUSES = ("finished", "diverged", "failed")
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def default_cache_dir() -> Path:
@@ -64,8 +65,7 @@ def default_cache_dir() -> Path:
     env = os.environ.get("DISENTANGLE_CACHE")
     if env:
         return Path(env)
-    root = _REPO if (_REPO / "pyproject.toml").exists() else Path.cwd()
-    return root / "reports" / "cache"
+    return REPO / "reports" / "cache"
 
 
 def seed_everything(seed: int) -> None:
@@ -131,7 +131,7 @@ def _data_in_memory(data_json: str, cache_dir: str) -> TaskData:
             return torch.load(path, weights_only=False)
         except Exception:  # a partial or stale file: rebuild it
             path.unlink(missing_ok=True)
-    built = data_mod.build(cfg)
+    built = build_data(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(built, path)
     return built
@@ -143,12 +143,6 @@ def load_data(cfg: DataConfig, cache_dir: str | Path | None = None) -> TaskData:
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-
-
-def iter_batches(split: Split, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    for start in range(0, len(split), batch_size):
-        b = split.batch(slice(start, start + batch_size))
-        yield {k: v.to(device) for k, v in b.items()}
 
 
 @torch.no_grad()

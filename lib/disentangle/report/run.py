@@ -35,11 +35,12 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from ..paths import REPO
+from .results import REPORTS, Recorder, read_results, resolve_path, results_dir  # noqa: F401 (re-exported)
+
 # Overridable so tests can run the pipeline in temporary folders.
 NOTEBOOKS = Path(os.environ.get("DISENTANGLE_NOTEBOOKS", REPO / "notebooks"))
 PARAMS = Path(os.environ.get("DISENTANGLE_PARAMS", REPO / "params"))
-REPORTS = Path(os.environ.get("DISENTANGLE_REPORTS", REPO / "reports"))
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PROFILE_KEYS = ("title", "banner", "description", "common", "sections")
 # Parameters whose values are paths: relative ones are taken relative to the repository root, since
@@ -49,49 +50,6 @@ PATH_PARAMETERS = ("babi_dir",)
 
 class ProfileError(ValueError):
     """A profile that names unknown notebooks or parameters; lists every problem at once."""
-
-
-# --------------------------------------------------------------------------------- recorded results
-
-
-def results_dir(profile: str) -> Path:
-    return REPORTS / profile / "results"
-
-
-class Recorder:
-    """Numbers a notebook records for the index, the findings notebook and the smoke tests.
-
-    ``rec = Recorder("01_baseline", profile)``; ``rec["baseline_acc"] = 0.97`` writes
-    ``reports/<profile>/results/01_baseline.json`` at once (values must be JSON-serialisable;
-    DataFrames are stored as lists of records).
-    """
-
-    def __init__(self, section: str, profile: str):
-        self.path = results_dir(profile) / f"{section}.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.values: dict[str, Any] = {}
-        self.path.write_text("{}")  # nothing stale from an earlier execution survives
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if hasattr(value, "to_dict") and hasattr(value, "columns"):
-            value = json.loads(value.to_json(orient="records"))
-        self.values[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.values, indent=1, default=float))
-        os.replace(tmp, self.path)
-
-
-def read_results(profile: str, section: str) -> dict[str, Any]:
-    path = results_dir(profile) / f"{section}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def resolve_path(path: str) -> str:
-    """A path parameter as an absolute path; relative paths are relative to the repository root."""
-    if not path:
-        return path
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (REPO / p).resolve())
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -219,7 +177,7 @@ def render_html(executed: Path, target: Path, banner: str | None, nav: str) -> N
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(template_name="report", extra_template_basedirs=[str(TEMPLATES)])
+    exporter = HTMLExporter(template_name="section", extra_template_basedirs=[str(TEMPLATES)])
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
     nb = nbformat.read(str(executed), as_version=4)

@@ -26,13 +26,12 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import DataConfig
-from .data import Story, TaskData, Vocab, encode, stack, tokenize
-from .tasks import describe
+from ..config import DataConfig
+from ..paths import REPO
+from .core import Story, TaskData, Vocab, describe, encode, stack, tokenize
 
 SET_ANSWER_TASKS = ("qa8",)  # list answers whose order carries no meaning: sorted into one canonical class
 
-_REPO = Path(__file__).resolve().parents[2]
 _LINE = re.compile(r"(\d+) (.*)")
 _ANSWER = re.compile(r"[a-z0-9]+(?:,[a-z0-9]+)*")
 
@@ -153,7 +152,7 @@ def resolve_dir(babi_dir: str) -> Path:
     path = Path(babi_dir).expanduser()
     if path.is_absolute() or path.is_dir():
         return path
-    from_repo = _REPO / path
+    from_repo = REPO / path
     if from_repo.is_dir():
         return from_repo
     raise FileNotFoundError(f"babi_dir={babi_dir!r}: no such directory (looked in {path.resolve()} and {from_repo})")

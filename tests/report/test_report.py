@@ -202,9 +202,9 @@ def test_unknown_profile_keys_are_refused_before_anything_runs(toy_project):
 def test_every_profile_builds_valid_run_configs(name):
     """Each profile (full included: CI never runs it, no GPU) is accepted by the runner and every run it
     would train is a valid config: sweeps, each capacity size under each constraint, and the bAbI runs."""
-    from disentangle.babi_report import data_changes
+    from disentangle.verdicts.babi import data_changes
     from disentangle.config import run_hash
-    from disentangle.report import all_sections, load_profile, plan
+    from disentangle.report.run import all_sections, load_profile, plan
     from disentangle.study import ARMS, Study
 
     planned = plan(name, load_profile(name), all_sections())

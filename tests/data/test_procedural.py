@@ -8,7 +8,7 @@ import torch
 
 from disentangle.config import PROCEDURAL_TASKS, DataConfig
 from disentangle.data import CLS, SEP, UNK, Story, encode
-from disentangle.tasks import (
+from disentangle.data.procedural import (
     ANSWERS,
     CONNECTIVES,
     DROP_VERBS,

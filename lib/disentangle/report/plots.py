@@ -14,17 +14,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .stats import mean_ci
-from .study import LABELS
-
-COLOURS = {
-    "baseline": "#333333",
-    "orthogonality": "#1f77b4",
-    "mutual_information": "#ff7f0e",
-    "attention_entropy": "#2ca02c",
-    "head_usage": "#d62728",
-}
-
+from ..stats import mean_ci
+from .. import arms
 
 def setup() -> None:
     """House style; call once at the top of a notebook."""
@@ -32,12 +23,8 @@ def setup() -> None:
     plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "figure.autolayout": False})
 
 
-def colour(arm: str) -> str:
-    return COLOURS.get(arm, "#7f7f7f")
-
-
-def label(arm: str) -> str:
-    return LABELS.get(arm, arm)
+colour = arms.colour  # one colour per arm, from the registry
+label = arms.label
 
 
 def _band(ax, x, values_by_x: dict, color: str, name: str, marker: str = "o") -> None:
@@ -175,7 +162,7 @@ def capacity_curves(cap: pd.DataFrame, metric: str = "test_acc", ylabel: str = "
     Dashed grey: the baseline at the default size, the level a constraint must reach to recover
     (``capacity`` module); dotted: the default size.
     """
-    from .capacity import BASELINE, axis_label, reference, seed_values
+    from ..verdicts.capacity import BASELINE, axis_label, reference, seed_values
 
     axes_ = list(dict.fromkeys(cap["axis"]))
     arms = [BASELINE, *[a for a in dict.fromkeys(cap["constraint"]) if a != BASELINE]]

@@ -6,15 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from disentangle.capacity import (
+from disentangle.verdicts.capacity import (
     arm_curves,
     capacity_effects,
-    findings,
     outcome_counts,
     per_task_recovery,
     recovery_table,
     reference,
     slope_per_doubling,
+    verdict_rows,
 )
 
 AXES = {"model.d_ff": ([64, 128, 256], 128), "model.n_layers": ([2, 3, 4], 2)}
@@ -101,10 +101,10 @@ def test_effects_supported_not_supported_and_nothing_to_recover():
     assert row(eff, "head_usage", "model.d_ff")["verdict"] == "not supported"
     ae = row(eff, "attention_entropy", "model.d_ff")
     assert ae["verdict"] == "inconclusive" and "nothing to recover" in ae["detail"]
-    for r in findings(eff, pooled_only=False):
+    for r in verdict_rows(eff, pooled_only=False):
         assert {"claim", "verdict", "effect", "ci_low", "ci_high", "measure", "detail"} <= set(r)
         assert r["verdict"] in ("supported", "not supported", "inconclusive")
-    assert len(findings(eff)) == len(AXES)
+    assert len(verdict_rows(eff)) == len(AXES)
 
 
 def test_nothing_to_recover_when_no_constraint_costs():

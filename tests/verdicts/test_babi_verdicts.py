@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from disentangle import babi_report as br
+from disentangle.verdicts import babi as br
 from disentangle.config import ConfigError, run_hash
 from disentangle.study import Study
 from disentangle.train import run
@@ -179,14 +179,14 @@ def test_accuracy_costs_and_findings_known_values():
     r = costs.iloc[0]
     assert (r["constraint"], r["weight"], r["n"]) == ("orthogonality", 0.3, 3)
     assert (r["effect"], r["ci_low"], r["ci_high"]) == pytest.approx((-0.1, -0.1, -0.1))  # every seed loses 0.1
-    found = br.findings(costs, TASKS, "1k")
+    found = br.verdict_rows(costs, TASKS, "1k")
     assert found[0]["verdict"] == "supported"
     assert set(found[0]) == {"claim", "verdict", "effect", "ci_low", "ci_high", "measure", "detail"}
     assert found[0]["claim"] == "on bAbI, orthogonality degrades accuracy"
     same = synthetic_runs()
     same.loc[same["constraint"] != "baseline", ["test_acc/qa1", "test_acc/qa2"]] = \
         same.loc[same["constraint"] == "baseline", ["test_acc/qa1", "test_acc/qa2"]].to_numpy()
-    assert br.findings(br.accuracy_costs(same, TASKS), TASKS, "1k")[0]["verdict"] == "not supported"
+    assert br.verdict_rows(br.accuracy_costs(same, TASKS), TASKS, "1k")[0]["verdict"] == "not supported"
 
 
 def test_support_table_known_values():

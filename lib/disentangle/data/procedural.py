@@ -72,12 +72,12 @@ from __future__ import annotations
 import html
 import random
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .config import PROCEDURAL_TASKS, DataConfig
-from .data import Split, Story, TaskData, Vocab, encode, stack
+from ..config import PROCEDURAL_TASKS, DataConfig
+from .core import Story, TaskData, Vocab, describe, encode, stack
 
 # ------------------------------------------------------------------------------------------ lexicon
 
@@ -623,30 +623,6 @@ def generate(cfg: DataConfig) -> TaskData:
     info = {"source": "procedural", "vocab_size": len(vocab), "n_answers": len(answers),
             "redrawn_duplicates": redrawn, **describe(splits, cfg.tasks)}  # fmt: skip
     return TaskData(vocab=vocab, answers=answers, tasks=tuple(cfg.tasks), splits=splits, info=info)
-
-
-def _stats(values: Sequence[int]) -> dict[str, float]:
-    v = sorted(values)
-    return {"min": v[0], "median": v[len(v) // 2], "p90": v[int(0.9 * (len(v) - 1))], "max": v[-1],
-            "mean": round(sum(v) / len(v), 2)}  # fmt: skip
-
-
-def describe(splits: dict[str, Split], tasks: Sequence[str]) -> dict:
-    """Per-split statistics for ``TaskData.info`` (plain dicts, JSON-friendly): examples per task, answer
-    counts per task, and the distribution of sentences per story and of tokens per encoded input."""
-    out: dict[str, dict] = {"sizes": {}, "answers": {}, "sentences": {}, "tokens": {}}
-    for name, split in splits.items():
-        by_task = defaultdict(list)
-        for story in split.stories:
-            by_task[story.task].append(story)
-        out["sizes"][name] = {t: len(by_task[t]) for t in tasks}
-        out["answers"][name] = {t: dict(sorted(Counter(s.answer for s in by_task[t]).items())) for t in tasks}
-        out["sentences"][name] = _stats([len(s.sentences) for s in split.stories])
-        out["tokens"][name] = _stats((~split.padding_mask).sum(1).tolist())
-    return out
-
-
-# ------------------------------------------------------------------------------------ reference solver
 
 
 def _alternatives(options: Sequence[tuple[str, ...]]) -> str:

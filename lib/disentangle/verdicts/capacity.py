@@ -57,7 +57,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .stats import mean_ci, verdict
+from ..arms import label
+from ..stats import mean_ci, verdict
 
 BASELINE = "baseline"
 AXIS_LABELS = {
@@ -75,12 +76,6 @@ REQUIRED = ("axis", "size", "default_size", "constraint", "seed")
 def axis_label(axis: str) -> str:
     """``model.d_ff`` -> ``FFN width (d_ff)``; unknown axes keep their field name."""
     return AXIS_LABELS.get(axis, axis.split(".", 1)[-1])
-
-
-def _arm_label(arm: str) -> str:
-    from .study import LABELS
-
-    return LABELS.get(arm, arm)
 
 
 def _check(cap: pd.DataFrame, metric: str) -> None:
@@ -325,8 +320,8 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
             g = _gains(cap, arm, axis, largest, metric) if largest != d else pd.Series(dtype=float)
             e, lo, hi = mean_ci(g)
             n, n_failed = int(np.isfinite(g.to_numpy(dtype=float)).sum()), _n_failed(g)
-            claim = f"More {name} recovers accuracy lost to {_arm_label(arm)}"
-            measure = (f"{word} of {_arm_label(arm)} at {short}={largest} minus at the default {short}={d}, "
+            claim = f"More {name} recovers accuracy lost to {label(arm)}"
+            measure = (f"{word} of {label(arm)} at {short}={largest} minus at the default {short}={d}, "
                        f"paired by seed; {_ci_words(n)}")
             if largest == d:
                 v, why = "inconclusive", f"no {short} above the default {d} in the grid"
@@ -356,11 +351,11 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
             e, lo, hi = mean_ci(pooled)
             n = int(np.isfinite(pooled.to_numpy(dtype=float)).sum())
             n_failed = int(per_seed.isna().to_numpy().sum())
-            names = ", ".join(_arm_label(a) for a in gains)
+            names = ", ".join(label(a) for a in gains)
             v = verdict(lo, hi, +1, margin)
             cost = float(np.mean([r["cost_default"] for r in per_arm if r["constraint"] in gains]))
-            skipped = [_arm_label(r["constraint"]) for r in per_arm if r["outcome"] == "no cost"]
-            ungrown = [_arm_label(r["constraint"]) for r in per_arm if r["outcome"] == NOT_GROWN]
+            skipped = [label(r["constraint"]) for r in per_arm if r["outcome"] == "no cost"]
+            ungrown = [label(r["constraint"]) for r in per_arm if r["outcome"] == NOT_GROWN]
             detail = (f"pooled over {len(gains)} constraint(s) that cost accuracy at the default size ({names}; mean cost "
                       f"{cost:+.3f})" + (f"; left out, nothing to recover: {', '.join(skipped)}" if skipped else "")
                       + (f"; left out, costly but not grown in this grid: {', '.join(ungrown)}" if ungrown else "")
@@ -388,7 +383,7 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
     return pd.DataFrame(rows)
 
 
-def findings(effects: pd.DataFrame, pooled_only: bool = True) -> list[dict]:
+def verdict_rows(effects: pd.DataFrame, pooled_only: bool = True) -> list[dict]:
     """Rows of ``capacity_effects`` as plain dicts for ``Recorder``/08_findings: the keys ``claim``,
     ``verdict``, ``effect``, ``ci_low``, ``ci_high``, ``measure``, ``detail`` (plus ``axis`` and
     ``constraint``); only the pooled per-axis claims unless ``pooled_only`` is False."""
@@ -416,12 +411,12 @@ def _recovered_words(r: dict) -> str:
 
 def format_recovery(table: pd.DataFrame) -> pd.DataFrame:
     """``recovery_table`` rows as readable strings (mean [95% interval]), indexed by task, constraint, axis."""
-    from .stats import fmt
+    from ..stats import fmt
 
     rows = []
     for r in table.to_dict("records"):
         rows.append({
-            "task": r["task"], "constraint": _arm_label(r["constraint"]), "axis": r["axis"].split(".", 1)[-1],
+            "task": r["task"], "constraint": label(r["constraint"]), "axis": r["axis"].split(".", 1)[-1],
             "weight": f"{r['weight']:g}",
             "at default size": f"{r['default_size']}: " + fmt(r["acc_default"], r["acc_default_low"], r["acc_default_high"]),
             "at largest size": f"{r['largest_size']}: " + fmt(r["acc_largest"], r["acc_largest_low"], r["acc_largest_high"]),
@@ -435,7 +430,7 @@ def format_recovery(table: pd.DataFrame) -> pd.DataFrame:
 
 def format_effects(effects: pd.DataFrame) -> pd.DataFrame:
     """``capacity_effects`` rows as readable strings, indexed by claim."""
-    from .stats import fmt
+    from ..stats import fmt
 
     return pd.DataFrame({
         "claim": effects["claim"],
@@ -451,7 +446,7 @@ def outcome_counts(table: pd.DataFrame) -> pd.DataFrame:
     which cells are ``recovered`` / ``not reached`` (``"constraint/axis"`` lists)."""
     rows = []
     for task, g in table.groupby("task", sort=False):
-        cell = [f"{_arm_label(r.constraint)} / {r.axis.split('.', 1)[-1]}" for r in g.itertuples()]
+        cell = [f"{label(r.constraint)} / {r.axis.split('.', 1)[-1]}" for r in g.itertuples()]
         row = {"task": task, **{o: int((g["outcome"] == o).sum()) for o in OUTCOMES}}
         row["recovered in"] = [c for c, o in zip(cell, g["outcome"]) if o == "recovered"]
         row["not reached in"] = [c for c, o in zip(cell, g["outcome"]) if o == NOT_REACHED]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from disentangle import findings
+from disentangle.verdicts import findings
 
 TASKS = ["where_person", "coreference"]
 

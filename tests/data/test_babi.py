@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import REPO
-from disentangle.babi import BabiFormatError, load, read_file, resolve_dir, task_of, truncate
+from disentangle.data.babi import BabiFormatError, load, read_file, resolve_dir, task_of, truncate
 from disentangle.config import DataConfig
 from disentangle.data import UNK, Story
 

@@ -1,4 +1,4 @@
-"""Data structures shared by the procedural tasks (``tasks.py``) and the bAbI reader (``babi.py``).
+"""Data structures shared by the procedural tasks (``procedural.py``) and the bAbI reader (``babi.py``).
 
 A question-answering example goes through two stages:
 
@@ -18,7 +18,8 @@ Conventions: ``padding_mask`` is True on padding (PyTorch's key-padding conventi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -208,6 +209,13 @@ def stack(examples: Sequence[Example], tasks: Sequence[str], pad_id: int = 0) ->
     )
 
 
+def iter_batches(split: Split, batch_size: int, device: torch.device | str) -> Iterator[dict[str, torch.Tensor]]:
+    """The split in order, ``batch_size`` examples at a time, as tensors on ``device``."""
+    for start in range(0, len(split), batch_size):
+        b = split.batch(slice(start, start + batch_size))
+        yield {k: v.to(device) for k, v in b.items()}
+
+
 @dataclass
 class TaskData:
     """Everything one run needs from the data side."""
@@ -236,12 +244,25 @@ def answer_vocab(stories: Iterable[Story]) -> Vocab:
     return Vocab((s.answer for s in stories), specials=())
 
 
-def build(cfg) -> TaskData:
-    """The data of a :class:`~disentangle.config.DataConfig`: generated tasks or bAbI files."""
-    if cfg.source == "procedural":
-        from .tasks import generate
+def _stats(values: Sequence[int]) -> dict[str, float]:
+    v = sorted(values)
+    return {"min": v[0], "median": v[len(v) // 2], "p90": v[int(0.9 * (len(v) - 1))], "max": v[-1],
+            "mean": round(sum(v) / len(v), 2)}  # fmt: skip
 
-        return generate(cfg)
-    from .babi import load
 
-    return load(cfg)
+def describe(splits: dict[str, Split], tasks: Sequence[str]) -> dict:
+    """Per-split statistics for ``TaskData.info`` (plain dicts, JSON-friendly): examples per task, answer
+    counts per task, and the distribution of sentences per story and of tokens per encoded input."""
+    out: dict[str, dict] = {"sizes": {}, "answers": {}, "sentences": {}, "tokens": {}}
+    for name, split in splits.items():
+        by_task = defaultdict(list)
+        for story in split.stories:
+            by_task[story.task].append(story)
+        out["sizes"][name] = {t: len(by_task[t]) for t in tasks}
+        out["answers"][name] = {t: dict(sorted(Counter(s.answer for s in by_task[t]).items())) for t in tasks}
+        out["sentences"][name] = _stats([len(s.sentences) for s in split.stories])
+        out["tokens"][name] = _stats((~split.padding_mask).sum(1).tolist())
+    return out
+
+
+# ------------------------------------------------------------------------------------ reference solver

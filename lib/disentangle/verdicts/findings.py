@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .stats import mean_ci, verdict, verdict_at_most
-from .study import LABELS
+from ..stats import mean_ci, verdict, verdict_at_most
+from ..arms import label
 
 VERDICT_ORDER = ("supported", "not supported", "inconclusive")
 AGGREGATION_TASKS = ("counting", "majority")
@@ -68,7 +68,7 @@ def degrade(sweeps: pd.DataFrame, chosen: pd.DataFrame, margin: float = 0.01) ->
         runs = sweeps[sweeps["sweep"] == r.constraint]
         d = paired_differences(runs, runs["weight"] == r.weight, runs["weight"] == 0, "test_acc")
         m, lo, hi = mean_ci(d)
-        out.append(row("accuracy cost", f"{LABELS[r.constraint]} degrades accuracy", m, lo, hi, verdict(lo, hi, -1, margin),
+        out.append(row("accuracy cost", f"{label(r.constraint)} degrades accuracy", m, lo, hi, verdict(lo, hi, -1, margin),
                        f"change in mean test accuracy at weight {r.weight:g} vs baseline, paired over {len(d)} seeds"))
     return out
 
@@ -167,7 +167,7 @@ def where_it_hurts(sweeps: pd.DataFrame, chosen: pd.DataFrame, tasks: Sequence[s
     }
     out = []
     for c, (hurt, other, what) in hypotheses.items():
-        claim = f"{LABELS[c]} hurts {what} most"
+        claim = f"{label(c)} hurts {what} most"
         hurt, other = [t for t in hurt if t in tasks], [t for t in other if t in tasks]
         if c not in weights:
             out.append(untestable("where it hurts", claim, f"no chosen weight for {c}"))

@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .babi import find_file, resolve_dir
-from .config import ConfigError, RunConfig
-from .stats import fmt, mean_ci, verdict
+from ..data.babi import find_file, resolve_dir
+from ..arms import label
+from ..config import ConfigError, RunConfig
+from ..stats import fmt, mean_ci, verdict
 
 BABI_TASKS = tuple(f"qa{i}" for i in range(1, 21))
 TASK_NAMES = {
@@ -280,7 +281,7 @@ def babi_configs(study, chosen: pd.DataFrame, changes: Mapping, max_len: int) ->
 
 def needed_max_len(study, changes: Mapping) -> int:
     """The model's max_len for the bAbI runs: the base value, or the longest bAbI input if that is longer."""
-    from .train import load_data
+    from ..train import load_data
 
     cfg = study.config(**changes)
     return max(study.base.model.max_len, load_data(cfg.data, study.cache_dir).max_len)
@@ -336,9 +337,7 @@ def reference_table(tasks: Sequence[str], size: str, keys: Sequence[str] | None 
 
 
 def arm_label(name: str, weight: float) -> str:
-    from .study import LABELS
-
-    return "baseline" if name == "baseline" else f"{LABELS.get(name, name)} (w={weight:g})"
+    return label(name, weight)
 
 
 def comparison_table(errors: pd.DataFrame, tasks: Sequence[str], size: str | None, digits: int = 1) -> pd.DataFrame:
@@ -387,15 +386,13 @@ def accuracy_costs(runs: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["constraint", "weight", "effect", "ci_low", "ci_high", "n"])
 
 
-def findings(costs: pd.DataFrame, tasks: Sequence[str], size: str | None, margin: float = 0.01) -> list[dict]:
+def verdict_rows(costs: pd.DataFrame, tasks: Sequence[str], size: str | None, margin: float = 0.01) -> list[dict]:
     """Claim "on bAbI, <constraint> degrades accuracy", one per arm of :func:`accuracy_costs`, with
     ``stats.verdict(ci_low, ci_high, expected_sign=-1, margin)``."""
-    from .study import LABELS
-
     out = []
     for r in costs.itertuples():
         out.append({
-            "claim": f"on bAbI, {LABELS.get(r.constraint, r.constraint)} degrades accuracy",
+            "claim": f"on bAbI, {label(r.constraint)} degrades accuracy",
             "verdict": verdict(r.ci_low, r.ci_high, expected_sign=-1, margin=margin),
             "effect": r.effect, "ci_low": r.ci_low, "ci_high": r.ci_high,
             "measure": "paired per-seed change in mean test accuracy over the bAbI tasks (constraint at its "
@@ -430,7 +427,7 @@ def support_mass_of_run(result, per_task: int | None = 200) -> pd.DataFrame:
     most support-focused head; chosen on the same examples, so optimistic), ``chance`` (``support_share``:
     the mass of uniform attention), ``n_heads`` and ``n`` (examples).
     """
-    from .analysis import head_attention_metrics
+    from ..analysis import head_attention_metrics
 
     model, data = result.load_model(), result.data()
     split = first_per_task(data.splits["test"], len(data.tasks), per_task)
@@ -448,7 +445,7 @@ def support_mass_of_run(result, per_task: int | None = 200) -> pd.DataFrame:
 
 def support_mass(results: Sequence, per_task: int | None = 200) -> pd.DataFrame:
     """:func:`support_mass_of_run` for every finished result, with ``constraint``, ``weight`` and ``seed``."""
-    from .study import constraint_of
+    from ..study import constraint_of
 
     frames = []
     for r in results:
@@ -494,7 +491,7 @@ def support_display(table: pd.DataFrame, tasks: Sequence[str], column: str = "su
 __all__ = [
     "BABI_TASKS", "MEMN2N_REFERENCES", "canonical_dir", "data_summary", "PUBLISHED_AVERAGES", "REFERENCES", "Reference", "SHOWN_REFERENCES",
     "TASK_NAMES", "UT_REFERENCES", "accuracy_costs", "arm_label", "arms", "babi_configs", "chance_errors",
-    "comparison_table", "data_changes", "dataset_size", "error_table", "findings", "how_to_point",
+    "comparison_table", "data_changes", "dataset_size", "error_table", "verdict_rows", "how_to_point",
     "needed_max_len", "questions_per_task", "reference", "reference_table", "run_errors", "skip_reason",
     "sources_table", "support_display", "support_mass", "support_mass_of_run", "support_table", "first_per_task",
 ]  # fmt: skip

@@ -1,0 +1,7 @@
+"""``python -m disentangle.report``: see :mod:`disentangle.report.run`."""
+
+import sys
+
+from .run import main
+
+sys.exit(main())
