@@ -351,123 +351,164 @@ def run(
         return _fit(cfg, run_id, run_dir, data, checkpoint, progress)
 
 
-def _fit(cfg: RunConfig, run_id: str, run_dir: Path, data: TaskData, checkpoint: dict | None, progress: bool) -> RunResult:
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    if cfg.model.max_len < data.max_len:
-        raise ConfigError([f"model.max_len={cfg.model.max_len} is shorter than the longest input ({data.max_len} tokens); raise it"])
-    model_cfg = cfg.model.replace(vocab_size=len(data.vocab), n_classes=len(data.answers))
-    seed_everything(cfg.seed)
-    model = Encoder(model_cfg).to(device)
-    constraints = Constraints(cfg.constraints, model_cfg, device=device)
-    opt = _optimizer(model, tc)
-    use_amp = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
+class _Training:
+    """One run's training, in the named steps :func:`_fit` strings together: set up (model, optimiser,
+    constraints, from the run's seed), :meth:`resume` from a checkpoint, :meth:`step` (one optimiser step;
+    False when the loss is not finite), :meth:`evaluate_and_checkpoint` (validation row, early stopping,
+    checkpoint; True to stop) and :meth:`finish` (final metrics and the result files).
 
-    step, rows, elapsed, best_val, since_best = 0, [], 0.0, -1.0, 0
-    info: dict = {}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        opt.load_state_dict(checkpoint["optimizer"])
-        constraints.load_state_dict(checkpoint["constraints"])
+    The loop state (``step``, ``rows``, ``elapsed``, ``best_val``, ``since_best``) is exactly what a
+    checkpoint saves, so a killed run resumes to bit-identical numbers.
+    """
+
+    def __init__(self, cfg: RunConfig, run_id: str, run_dir: Path, data: TaskData):
+        tc = cfg.train
+        self.cfg, self.tc, self.run_id, self.run_dir, self.data = cfg, tc, run_id, run_dir, data
+        self.device = resolve_device(tc.device)
+        if cfg.model.max_len < data.max_len:
+            raise ConfigError([f"model.max_len={cfg.model.max_len} is shorter than the longest input ({data.max_len} tokens); raise it"])
+        self.model_cfg = cfg.model.replace(vocab_size=len(data.vocab), n_classes=len(data.answers))
+        seed_everything(cfg.seed)  # before anything draws from the RNG: the model, then the constraints' state
+        self.model = Encoder(self.model_cfg).to(self.device)
+        self.constraints = Constraints(cfg.constraints, self.model_cfg, device=self.device)
+        self.opt = _optimizer(self.model, tc)
+        use_amp = tc.amp == "bf16" or (tc.amp == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
+        self.step_no, self.rows, self.elapsed, self.best_val, self.since_best = 0, [], 0.0, -1.0, 0
+        self.info: dict = {}
+        self.status = "finished"
+        self.running: dict[str, float] = {}
+        self.n_running = 0
+        self.t0 = time.perf_counter()
+
+    def resume(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.opt.load_state_dict(checkpoint["optimizer"])
+        self.constraints.load_state_dict(checkpoint["constraints"])
         torch.set_rng_state(checkpoint["rng_cpu"])
-        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
-        step, rows, elapsed = checkpoint["step"], checkpoint["history"], checkpoint["elapsed"]
-        best_val, since_best = checkpoint["best_val"], checkpoint["since_best"]
-        info["resumed_from_step"] = step
+        if self.device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"], self.device)
+        self.step_no, self.rows, self.elapsed = checkpoint["step"], checkpoint["history"], checkpoint["elapsed"]
+        self.best_val, self.since_best = checkpoint["best_val"], checkpoint["since_best"]
+        self.info["resumed_from_step"] = self.step_no
 
-    train = data.splits["train"]
-    running: dict[str, float] = {}
-    n_running = 0
-    status, t0 = "finished", time.perf_counter()
-    bar = progress_bar(total=tc.steps, initial=step, desc=run_id, leave=False) if progress else None
-    model.train()
-    while step < tc.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        b = train.batch(_batch_indices(step, len(train), tc.batch_size, cfg.seed))
-        b = {k: v.to(device) for k, v in b.items()}
-        with autocast():
+    def _diverged(self) -> None:
+        self.status = "diverged"
+        self.info["diverged_at_step"] = self.step_no
+
+    def step(self) -> bool:
+        """One optimiser step on the run's next batch; False (and status ``diverged``) if the loss is not finite."""
+        tc, model, constraints = self.tc, self.model, self.constraints
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step_no, tc)
+        train = self.data.splits["train"]
+        b = train.batch(_batch_indices(self.step_no, len(train), tc.batch_size, self.cfg.seed))
+        b = {k: v.to(self.device) for k, v in b.items()}
+        with self.autocast():
             out = model(b["tokens"], b["padding_mask"], capture=constraints.captures, segments=b["segments"])
             ce = F.cross_entropy(out.logits.float(), b["answers"])
             penalty, terms = constraints.loss(out, b["padding_mask"], model)
             loss = ce + penalty
         if not torch.isfinite(loss):
-            status = "diverged"
-            info["diverged_at_step"] = step
-            break
-        opt.zero_grad(set_to_none=True)
+            self._diverged()
+            return False
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
-        opt.step()
+        self.opt.step()
         constraints.auxiliary_step(out, b["padding_mask"])
         for k, v in {"loss": loss.item(), "ce": ce.item(), **terms}.items():
-            running[k] = running.get(k, 0.0) + float(v)
-        n_running += 1
-        step += 1
+            self.running[k] = self.running.get(k, 0.0) + float(v)
+        self.n_running += 1
+        self.step_no += 1
+        return True
+
+    def due(self) -> bool:
+        return self.step_no % self.tc.eval_every == 0 or self.step_no == self.tc.steps
+
+    def evaluate_and_checkpoint(self) -> bool:
+        """A validation row (train losses averaged since the last one), early stopping, and a checkpoint
+        unless the run is about to finish. True when training stops here (diverged or stopped early)."""
+        tc, step = self.tc, self.step_no
+        val = evaluate(self.model, self.data.splits["val"], self.data.tasks)
+        row = {"step": step, "lr": lr_at(step - 1, tc), **{f"train_{k}": v / self.n_running for k, v in self.running.items()},
+               **{f"val_{k}": v for k, v in val.items()}}
+        if not all(math.isfinite(v) for v in row.values()):
+            self._diverged()
+            return True
+        self.rows.append(row)
+        self.running, self.n_running = {}, 0
+        improved = val["acc"] > self.best_val
+        self.best_val, self.since_best = (val["acc"], 0) if improved else (self.best_val, self.since_best + 1)
+        stop_early = tc.early_stopping > 0 and self.since_best >= tc.early_stopping
+        if stop_early:
+            self.info["stopped_early_at_step"] = step
+        if step < tc.steps and not stop_early:
+            _atomic_save({
+                "run_id": self.run_id, "step": step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "constraints": self.constraints.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "history": self.rows, "elapsed": self.elapsed + time.perf_counter() - self.t0,
+                "best_val": self.best_val, "since_best": self.since_best,
+            }, self.run_dir / "checkpoint.pt")
+            pd.DataFrame(self.rows).to_csv(self.run_dir / "history.csv", index=False)
+        return stop_early
+
+    def finish(self) -> RunResult:
+        """Final metrics (test, OOD and constraint measures for a finished run), then ``model.pt``,
+        ``history.csv`` and, last, ``result.json``, whose presence marks the run as done."""
+        model, data, rows, run_dir = self.model, self.data, self.rows, self.run_dir
+        history = pd.DataFrame(rows)
+        metrics: dict[str, float] = {f"chance/{t}": c for t, c in data.chance("test").items()}
+        metrics["steps_done"] = self.step_no
+        metrics["params"] = model.num_params()
+        if rows:
+            metrics.update({k: v for k, v in rows[-1].items() if k.startswith(("val_", "train_"))})
+            metrics["best_val_acc"] = self.best_val
+        if self.status == "finished":
+            model.eval()
+            metrics.update({f"test_{k}": v for k, v in evaluate(model, data.splits["test"], data.tasks).items()})
+            if "ood" in data.splits:
+                metrics.update({f"ood_{k}": v for k, v in evaluate(model, data.splits["ood"], data.tasks).items()})
+            measures = measure_split(model, data.splits["test"])
+            metrics.update({f"measure/{k}": v for k, v in measures.items()})
+        else:
+            metrics["test_acc"] = float("nan")
+        wall = self.elapsed + time.perf_counter() - self.t0
+        _atomic_save({"model_config": self.model_cfg, "weights": model.state_dict()}, run_dir / "model.pt")
+        if rows:
+            history.to_csv(run_dir / "history.csv", index=False)
+        else:
+            (run_dir / "history.csv").unlink(missing_ok=True)
+        json_metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        _atomic_write_text(json.dumps({
+            "status": self.status, "metrics": json_metrics, "wall_time": wall, "info": self.info,
+            "model_sha256": _sha256(run_dir / "model.pt"), "device": str(self.device),
+            "torch": torch.__version__, "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+        }, indent=2), run_dir / "result.json")
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        return RunResult(self.cfg, self.run_id, run_dir, self.status, metrics, history, wall, cached=False, info=self.info)
+
+
+def _fit(cfg: RunConfig, run_id: str, run_dir: Path, data: TaskData, checkpoint: dict | None, progress: bool) -> RunResult:
+    """Train one run from scratch or from ``checkpoint``: the loop over :class:`_Training`'s steps."""
+    run = _Training(cfg, run_id, run_dir, data)
+    if checkpoint is not None:
+        run.resume(checkpoint)
+    run.t0 = time.perf_counter()  # wall time counts training, not set-up
+    bar = progress_bar(total=cfg.train.steps, initial=run.step_no, desc=run_id, leave=False) if progress else None
+    run.model.train()
+    while run.step_no < cfg.train.steps:
+        if not run.step():
+            break
         if bar is not None:
             bar.update(1)
-        if step % tc.eval_every == 0 or step == tc.steps:
-            val = evaluate(model, data.splits["val"], data.tasks)
-            row = {"step": step, "lr": lr_at(step - 1, tc), **{f"train_{k}": v / n_running for k, v in running.items()},
-                   **{f"val_{k}": v for k, v in val.items()}}
-            if not all(math.isfinite(v) for v in row.values()):
-                status = "diverged"
-                info["diverged_at_step"] = step
-                break
-            rows.append(row)
-            running, n_running = {}, 0
-            improved = val["acc"] > best_val
-            best_val, since_best = (val["acc"], 0) if improved else (best_val, since_best + 1)
-            stop_early = tc.early_stopping > 0 and since_best >= tc.early_stopping
-            if stop_early:
-                info["stopped_early_at_step"] = step
-            if step < tc.steps and not stop_early:
-                _atomic_save({
-                    "run_id": run_id, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "constraints": constraints.state_dict(), "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "history": rows, "elapsed": elapsed + time.perf_counter() - t0,
-                    "best_val": best_val, "since_best": since_best,
-                }, run_dir / "checkpoint.pt")
-                pd.DataFrame(rows).to_csv(run_dir / "history.csv", index=False)
-            if stop_early:
-                break
+        if run.due() and run.evaluate_and_checkpoint():
+            break
     if bar is not None:
         bar.close()
-
-    history = pd.DataFrame(rows)
-    metrics: dict[str, float] = {f"chance/{t}": c for t, c in data.chance("test").items()}
-    metrics["steps_done"] = step
-    metrics["params"] = model.num_params()
-    if rows:
-        metrics.update({k: v for k, v in rows[-1].items() if k.startswith(("val_", "train_"))})
-        metrics["best_val_acc"] = best_val
-    if status == "finished":
-        model.eval()
-        metrics.update({f"test_{k}": v for k, v in evaluate(model, data.splits["test"], data.tasks).items()})
-        if "ood" in data.splits:
-            metrics.update({f"ood_{k}": v for k, v in evaluate(model, data.splits["ood"], data.tasks).items()})
-        measures = measure_split(model, data.splits["test"])
-        metrics.update({f"measure/{k}": v for k, v in measures.items()})
-    else:
-        metrics["test_acc"] = float("nan")
-    wall = elapsed + time.perf_counter() - t0
-    _atomic_save({"model_config": model_cfg, "weights": model.state_dict()}, run_dir / "model.pt")
-    if rows:
-        history.to_csv(run_dir / "history.csv", index=False)
-    else:
-        (run_dir / "history.csv").unlink(missing_ok=True)
-    json_metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    _atomic_write_text(json.dumps({
-        "status": status, "metrics": json_metrics, "wall_time": wall, "info": info,
-        "model_sha256": _sha256(run_dir / "model.pt"), "device": str(device),
-        "torch": torch.__version__, "threads": torch.get_num_threads() if device.type == "cpu" else None,
-    }, indent=2), run_dir / "result.json")
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    return RunResult(cfg, run_id, run_dir, status, metrics, history, wall, cached=False, info=info)
+    return run.finish()
 
 
 # ------------------------------------------------------------------------------------------- grids
