@@ -771,7 +771,7 @@ def posthoc_mi(
 
     ``result``: a ``train.RunResult`` (its final model on its test split) or an :class:`Encoder` (then
     ``split`` is required). Each head's output is pooled per example (mean over real tokens, as in
-    :func:`pooled_head_outputs`) over the whole split; then per method, :func:`constraints.estimate_pooled_head_mi`
+    :func:`pooled_head_outputs`) over the whole split; then per method, :func:`estimate_pooled_head_mi`
     (``"infonce"``: trained separable critic, a lower bound; ``"club"``: Cheng et al. 2020, an upper bound;
     ``steps``, ``seed`` and ``kwargs`` go to it) gives an (H, H) matrix per analysed layer. Returns
     ``{method: mean over layers and head pairs i<j of the estimate}`` in nats.

@@ -3,7 +3,7 @@
 Read top to bottom: the config, the attention layer (per-head weights shaped like TransformerLens,
 ``W_Q: [n_heads, d_model, d_head]``), the block, the encoder, and the output object.
 
-Contract (see ``shared/DESIGN.md``)::
+Contract (the one every caller relies on: analysis, constraints, the training loop)::
 
     out = model(tokens, padding_mask, capture=("attn", "head_out", "head_contrib"))
     out.logits            # (B, n_classes)

@@ -186,7 +186,7 @@ def test_missing_files_are_named(tiny):
         load(DataConfig(source="babi", tasks=("qa1",), babi_dir="no/such/dir", n_val=1))
     with pytest.raises(ValueError, match="n_val=3 leaves no training questions"):
         load(DataConfig(source="babi", tasks=("qa1",), babi_dir=str(tiny), n_val=3))
-    with pytest.raises(ValueError, match="tasks.generate"):
+    with pytest.raises(ValueError, match="data.procedural.generate"):
         load(DataConfig())
 
 

@@ -185,7 +185,7 @@ def load(cfg: DataConfig) -> TaskData:
     ``babi_max_sentences`` are cut (see :func:`truncate`; totals in ``info["truncated_sentences"]``).
     """
     if cfg.source != "babi":
-        raise ValueError(f"source={cfg.source!r}: babi.load reads bAbI files (use tasks.generate for procedural data)")
+        raise ValueError(f"source={cfg.source!r}: data.babi.load reads bAbI files (use data.procedural.generate for procedural data)")
     root = resolve_dir(cfg.babi_dir)
     words: set[str] = set()
     answers: set[str] = set()

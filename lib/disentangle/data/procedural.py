@@ -565,7 +565,7 @@ def check(cfg: DataConfig) -> None:
     """Raise ValueError when the procedural generator cannot honour ``cfg`` (beyond DataConfig's own checks)."""
     problems = []
     if cfg.source != "procedural":
-        problems.append(f"source={cfg.source!r}: tasks.generate makes procedural data (use babi.load for bAbI files)")
+        problems.append(f"source={cfg.source!r}: data.procedural.generate makes procedural data (use data.babi.load for bAbI files)")
     problems += [f"tasks: {t!r} is not one of {list(PROCEDURAL_TASKS)}" for t in cfg.tasks if t not in _DRAFTERS]
     limits = {"n_people": len(BOYS) + len(GIRLS), "n_places": len(PLACES), "n_objects": len(OBJECTS)}
     problems += [f"{name}={getattr(cfg, name)} must be <= {most} (the size of its pool)"

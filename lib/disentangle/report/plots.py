@@ -383,8 +383,8 @@ def _grouped_bars(ax, table: pd.DataFrame, value: str, low: str, high: str, grou
 
 def babi_errors(errors: pd.DataFrame, tasks: Sequence[str], references: pd.DataFrame | None = None) -> Figure:
     """Test error (%) per bAbI task and its mean: one bar per arm (95% interval over seeds as whiskers),
-    published reference columns as markers. ``errors``: ``babi_report.error_table``; ``references``:
-    ``babi_report.reference_table`` (rows = tasks and "mean", one column per reference)."""
+    published reference columns as markers. ``errors``: ``verdicts.babi.error_table``; ``references``:
+    ``verdicts.babi.reference_table`` (rows = tasks and "mean", one column per reference)."""
     groups = [*tasks, "mean"]
     fig, ax = plt.subplots(figsize=(max(7.5, 1.2 * len(groups) + 1.5), 5.0))
     x, _ = _grouped_bars(ax, errors, "error", "ci_low", "ci_high", groups)
@@ -403,7 +403,7 @@ def babi_errors(errors: pd.DataFrame, tasks: Sequence[str], references: pd.DataF
 def babi_support_mass(table: pd.DataFrame, tasks: Sequence[str], value: str = "support_mass") -> Figure:
     """Attention mass of the readout query on bAbI's supporting sentences, per task and arm (mean over
     global heads, 95% interval over seeds), with the chance level (uniform attention) as a black dash.
-    ``table``: ``babi_report.support_table``."""
+    ``table``: ``verdicts.babi.support_table``."""
     groups = [*tasks, "mean"]
     fig, ax = plt.subplots(figsize=(max(7.5, 1.2 * len(groups) + 1.5), 4.6))
     x, _ = _grouped_bars(ax, table, value, f"{value}_low", f"{value}_high", groups)

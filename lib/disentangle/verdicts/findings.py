@@ -10,10 +10,10 @@ and the initial weights, so per-seed differences remove that variance); the inte
 the per-seed differences. Verdict rules are in :mod:`disentangle.stats` (``verdict``: sign claims with an
 equivalence margin; ``verdict_at_most``: "no more than" claims).
 
-The claims (DESIGN.md):
+The claims (the README's question, one verdict row each):
 
 1. constraints degrade accuracy (per constraint, at its chosen weight);
-2. more FFN width, d_model, layers or heads win it back (:mod:`disentangle.capacity`);
+2. more FFN width, d_model, layers or heads win it back (:mod:`disentangle.verdicts.capacity`);
 3. sparser attention is not more correct attention (over heads; and for the entropy constraint itself);
 4. where each constraint should hurt most (orthogonality and MI: coreference, where two heads must read
    the same entity; attention entropy: tasks that aggregate many tokens; head usage: the task that leans
