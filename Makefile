@@ -31,6 +31,7 @@ test-kernels: $(STAMP)
 benchmarks: $(STAMP)
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_constraints.py
+	$(PY) benchmarks/bench_stack.py
 
 env: $(STAMP)
 

@@ -296,6 +296,7 @@ class Encoder(nn.Module):
         padding_mask: torch.Tensor | None = None,
         capture: str | Iterable[str] | bool | None = None,
         segments: torch.Tensor | None = None,
+        check: bool = True,
     ) -> EncoderOutput:
         """tokens: (B, T) int64/int32 ids; padding_mask: (B, T) bool, True on padding (None = no padding).
 
@@ -303,9 +304,12 @@ class Encoder(nn.Module):
         them, or True / ``"all"``. Only ``"attn"`` leaves the fused attention path.
         ``segments``: (B, T) int ids; sentence-local layers attend only between tokens with equal ids
         (data.Split.segments). Required when ``local_layers > 0``.
+        ``check=False`` skips the checks that read tensor values (token ids in range, a real readout
+        position), for callers that validated the batch already, e.g. under ``torch.func.vmap``, where
+        Python control flow on tensor values is not allowed. Shapes and types are always checked.
         """
         names = _normalise_capture(capture)
-        padding_mask = self._check_inputs(tokens, padding_mask)
+        padding_mask = self._check_inputs(tokens, padding_mask, values=check)
         pad_blocked = padding_mask[:, None, None, :]  # (B, 1, 1, T)
         local_blocked = None
         if self.cfg.local_layers:
@@ -332,7 +336,7 @@ class Encoder(nn.Module):
             pooled = (x * real).sum(1) / real.sum(1)  # every row has a real token (checked)
         return EncoderOutput(logits=self.head(pooled), captured=names, layers=layers)
 
-    def _check_inputs(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def _check_inputs(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None, values: bool = True) -> torch.Tensor:
         """Clear errors for bad batches (instead of an index error deep in torch); returns the padding mask."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             what = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
@@ -347,7 +351,7 @@ class Encoder(nn.Module):
         elif not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool or padding_mask.shape != tokens.shape:
             what = f"{tuple(padding_mask.shape)} {padding_mask.dtype}" if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
             raise ValueError(f"padding_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)} (True on padding), got {what}")
-        if B == 0:
+        if B == 0 or not values:
             return padding_mask
         V = self.cfg.vocab_size
         # The readout needs a real token to read: position 0 (the CLS token) or at least one per row.
