@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml
 		echo "installing $(TORCH) (CPU build)"; \
 		$(PY) -m pip install -q "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
 	fi
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,cluster]'
 	touch $(STAMP)
 
 clean-env:

@@ -15,13 +15,13 @@ CONDA_TO_PYPI = {"pytorch": "torch"}
 
 
 def _split(spec: str) -> tuple[str, str]:
-    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", spec)
+    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?\s*(.*)$", spec)  # extras ([distributed]) dropped
     return m.group(1).lower().replace("_", "-"), m.group(2).replace(" ", "")
 
 
 def pyproject_deps() -> dict[str, str]:
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    specs = meta["dependencies"] + meta["optional-dependencies"]["test"]
+    specs = meta["dependencies"] + meta["optional-dependencies"]["test"] + meta["optional-dependencies"]["cluster"]
     return dict(_split(s) for s in specs)
 
 

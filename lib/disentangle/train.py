@@ -27,6 +27,7 @@ count keeps float reductions, hence results, identical between sequential and pa
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -49,6 +50,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import cluster
 from .config import CODE_VERSION, ConfigError, DataConfig, RunConfig, flatten, run_hash
 from .constraints import MEASURE_CAPTURES, measure
 from .objective import Constraints
@@ -331,6 +333,29 @@ def run(
     finished = _load_finished(cfg, run_id, run_dir)
     if finished is not None:
         return finished
+    # One trainer per run at a time, whatever process or machine it is on (two reports on one checkout,
+    # a cluster task rescheduled while its first worker still runs): the second waits, then loads the
+    # run the first finished ("first finished wins"). flock is released by the OS if the holder dies.
+    with _run_lock(cache, run_id):
+        finished = _load_finished(cfg, run_id, run_dir)
+        if finished is not None:
+            return finished
+        return _train_or_resume(cfg, run_id, run_dir, cache, progress, threads)
+
+
+@contextmanager
+def _run_lock(cache: Path, run_id: str) -> Iterator[None]:
+    locks = cache / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / run_id, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train_or_resume(cfg: RunConfig, run_id: str, run_dir: Path, cache: Path, progress: bool, threads: int | None) -> RunResult:
     # Anything but a valid checkpoint in an unfinished folder is debris from a crash: start clean.
     checkpoint = None
     if run_dir.exists():
@@ -577,6 +602,7 @@ def run_grid(
     progress: bool = True,
     on_error: str = "raise",
     desc: str = "runs",
+    scheduler: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run (or load) every config; return ``(runs, history)`` as tidy DataFrames.
 
@@ -591,6 +617,10 @@ def run_grid(
 
     Workers are spawned processes, so a *script* that calls this with ``n_jobs > 1`` needs the usual
     ``if __name__ == "__main__":`` guard (notebooks and pytest need nothing).
+
+    ``scheduler`` (or ``$DISENTANGLE_SCHEDULER``): the address of a ``dask.distributed`` scheduler; the
+    runs are then submitted to its workers through Dask's executor (:mod:`disentangle.cluster`), with the
+    cache on a file system they all see; ``n_jobs`` is then the cluster's business.
     """
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error={on_error!r} is not one of ['raise', 'record']")
@@ -605,16 +635,18 @@ def run_grid(
             results[run_id] = cached
         else:
             todo.append(cfg)
+    address = cluster.scheduler_address(scheduler)
+    remote = cluster.executor(address, cache) if address and todo else None  # checks the workers first
     if n_jobs is None:
         n_jobs = 1 if torch.cuda.is_available() else (os.cpu_count() or 1)
     n_jobs = max(1, min(n_jobs, len(todo)))
-    if n_jobs > 1:  # build each dataset once, here, rather than once per worker
+    if n_jobs > 1 or remote is not None:  # build each dataset once, here, rather than once per worker
         for data_cfg in {c.data for c in todo}:
             load_data(data_cfg, cache)
 
     bar = progress_bar(total=len(unique), initial=len(results), desc=desc, disable=not progress)
     errors: dict[str, str] = {}
-    if n_jobs == 1:
+    if n_jobs == 1 and remote is None:
         for cfg in todo:
             run_id, err = _run_in_worker(cfg.to_dict(), str(cache), threads)
             if err:
@@ -622,7 +654,7 @@ def run_grid(
             bar.update(1)
     else:
         # Spawned workers: forking a process whose torch thread pools are initialised can deadlock.
-        pool = _worker_pool(n_jobs)
+        pool = remote or _worker_pool(n_jobs)
         futures = [pool.submit(_run_in_worker, cfg.to_dict(), str(cache), threads) for cfg in todo]
         try:
             for fut in as_completed(futures):
@@ -633,7 +665,11 @@ def run_grid(
         except KeyboardInterrupt:
             # Workers ignore SIGINT (see _ignore_sigint): stop them here, so an interrupted notebook does not
             # go on training in the background. Finished runs are cached; running ones resume from checkpoints.
-            _stop_pool(n_jobs)
+            if remote is not None:
+                for fut in futures:
+                    fut.cancel()
+            else:
+                _stop_pool(n_jobs)
             raise
     bar.close()
     for cfg in todo:

@@ -42,7 +42,7 @@ from .results import REPORTS, Recorder, read_results, resolve_path, results_dir 
 NOTEBOOKS = Path(os.environ.get("DISENTANGLE_NOTEBOOKS", REPO / "notebooks"))
 PARAMS = Path(os.environ.get("DISENTANGLE_PARAMS", REPO / "params"))
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-PROFILE_KEYS = ("title", "banner", "description", "common", "sections")
+PROFILE_KEYS = ("title", "banner", "description", "common", "sections", "scheduler")
 # Parameters whose values are paths: relative ones are taken relative to the repository root, since
 # notebooks execute with notebooks/ as their working directory.
 PATH_PARAMETERS = ("babi_dir",)
@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="default", help="params/<PROFILE>.yaml (quick, default, full)")
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (e.g. 01_baseline)")
     parser.add_argument("--babi-dir", help="directory of bAbI v1.2 files for 09_babi (overrides the profile)")
+    parser.add_argument("--scheduler", help="train on a dask.distributed cluster: its scheduler, e.g. tcp://host:8786 "
+                        "(overrides the profile's `scheduler:` and $DISENTANGLE_SCHEDULER; the cache must be shared)")
     args = parser.parse_args(argv)
 
     try:
@@ -341,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     # Kernels inherit the environment: no progress bars in executed notebooks (they would render as
     # stderr blocks in the HTML); they still show when a notebook is run by hand.
     os.environ["TQDM_DISABLE"] = "1"
+    # The grids inside the kernels read the scheduler from the environment (cluster.scheduler_address).
+    scheduler = args.scheduler or profile.get("scheduler")
+    if scheduler:
+        os.environ["DISENTANGLE_SCHEDULER"] = str(scheduler)
     banner = profile.get("banner")
     nav = " ".join([f"<a href='index.html'>index</a>"] + [f"<a href='{s.name}.html'>{s.name}</a>" for s in sections])
     runs: list[SectionRun] = []
