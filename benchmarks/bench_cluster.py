@@ -1,6 +1,6 @@
 """Overhead of the Dask path against the local process pool, on the quick profile's sweep grid.
 
-The same configs (every constraint × weight × seed of ``params/quick.yaml``, 26 runs) are trained twice
+The same configs (every constraint × weight × seed of ``params/quick.yaml``: 32 configs, 26 distinct runs) are trained twice
 from an empty cache: by ``run_grid`` on the local pool of one process per core, and on a
 ``LocalCluster`` with as many single-threaded worker processes. Same machine, same runs, same numbers
 (checked); printed: wall time of each and their ratio. Cluster start-up is timed apart.
@@ -40,7 +40,7 @@ def main() -> None:
             remote, _ = run_grid(configs, Path(tmp) / "dask", progress=False, scheduler=lc.scheduler_address)
             t_dask = time.perf_counter() - t
     same = local[["run_id", "test_acc", "test_ce"]].equals(remote[["run_id", "test_acc", "test_ce"]])
-    print(f"{len(local)} runs of the quick profile's sweeps, {n} workers; identical numbers: {same}")
+    print(f"{len(local)} configs ({local['run_id'].nunique()} distinct runs) of the quick profile's sweeps, {n} workers; identical numbers: {same}")
     print(f"  local pool     {t_local:7.1f} s")
     print(f"  dask cluster   {t_dask:7.1f} s   {t_dask / t_local:.2f}x the local pool's time (cluster start-up {t_start:.1f} s apart)")
 
