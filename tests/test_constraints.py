@@ -19,6 +19,7 @@ from disentangle.constraints import (
     infonce_mi,
     measure,
     orthogonality_attention,
+    orthogonality_contributions,
     orthogonality_outputs,
     orthogonality_weights,
     pooled_heads,
@@ -134,6 +135,30 @@ def test_weights_random_blocks_sit_near_the_documented_baseline():
     # The docstring's claim: i.i.d. Gaussian blocks give G² ≈ d_head / (d_model + d_head) (0.2 at 64/16).
     blocks = list(torch.randn(40, 4, 64, 16))
     assert orthogonality_weights(blocks).loss.item() == pytest.approx(16 / 80, abs=0.02)
+
+
+def test_contribution_orthogonality_ignores_a_rotation_of_a_head_that_output_orthogonality_rewards():
+    # Re-basing head h (W_V[h] → W_V[h] R, W_O[h] → Rᵀ W_O[h]) changes z_h to z_h R and leaves c_h = z_h W_O[h],
+    # and so the model, unchanged. Rotating one head of two identical ones lowers output orthogonality, not this.
+    model = Encoder(SMALL)
+    tokens = torch.randint(0, 20, (8, 10))
+    pad = padding(torch.tensor([10, 8, 6, 10, 4, 9, 7, 10]), 10)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        attn = model.blocks[1].attn
+        attn.W_V[1].copy_(attn.W_V[0])
+        attn.W_O[1].copy_(attn.W_O[0])  # heads 0 and 1 identical: both penalties at their maximum for the pair
+        capture = ("head_out", "head_contrib")
+        before = model(tokens, pad, capture=capture)
+        R = random_rotation(SMALL.d_head, g)
+        attn.W_V[1].copy_(attn.W_V[1] @ R)
+        attn.W_O[1].copy_(R.T @ attn.W_O[1])
+        after = model(tokens, pad, capture=capture)
+    close(after.logits, before.logits, tol(4 * SMALL.d_model))  # the same function, up to rounding
+    outputs = [orthogonality_outputs(o.head_out[1:], pad).loss for o in (before, after)]
+    contributions = [orthogonality_contributions(o.head_contrib[1:], pad).loss for o in (before, after)]
+    assert outputs[1] < outputs[0] - 0.05  # the rotation "disentangles" the outputs
+    close(contributions[1], contributions[0], KNOWN)  # ... but not what the heads write
 
 
 def test_attention_disjoint_heads_give_0_identical_heads_give_1_however_diffuse():
@@ -403,6 +428,7 @@ def test_all_weights_zero_is_exactly_the_task_loss_and_captures_nothing(model_ba
         ({"orthogonality": 0.1}, {"head_out"}),
         ({"orthogonality": 0.1, "orthogonality_variant": "weights"}, set()),
         ({"orthogonality": 0.1, "orthogonality_variant": "attention"}, {"attn"}),
+        ({"orthogonality": 0.1, "orthogonality_variant": "contributions"}, {"head_contrib"}),
         ({"mutual_information": 0.1}, {"head_out"}),
         ({"mutual_information": 0.1, "mi_variant": "club"}, {"head_out"}),
         ({"attention_entropy": 0.1}, {"attn"}),
@@ -468,7 +494,9 @@ def test_measure_reports_every_constraint_and_formulas_cover_them(model_batch):
     assert main == {"orthogonality_outputs", "orthogonality_weights", "orthogonality_attention",
                     "attention_entropy", "head_usage"}
     assert all(math.isfinite(v) for v in values.values())
-    assert main | {"infonce", "club"} == set(FORMULAS)  # MI needs a trained estimator: estimate_head_mi
+    # MI needs a trained estimator (analysis.estimate_head_mi); the contribution variant is not yet a
+    # measure of every run (adding one changes what finished runs record: a CODE_VERSION bump).
+    assert main | {"infonce", "club", "orthogonality_contributions"} == set(FORMULAS)
     assert not any("$" in f or "\\" in f for f in FORMULAS.values())  # Unicode math, no LaTeX
     mistune = pytest.importorskip("mistune")  # nbconvert's Markdown renderer
     for formula in FORMULAS.values():  # the bold title renders, and no stray _ or * turns into emphasis

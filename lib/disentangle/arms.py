@@ -130,6 +130,8 @@ def _orthogonality_loss(x: LossInputs) -> Tensor:
         return C.orthogonality_outputs(x.select(x.out.head_out), x.padding_mask).loss
     if variant == "attention":
         return C.orthogonality_attention(x.select(x.out.attn), x.padding_mask).loss
+    if variant == "contributions":
+        return C.orthogonality_contributions(x.select(x.out.head_contrib), x.padding_mask).loss
     blocks = [w for which in x.cfg.orthogonality_on for w in x.select(x.model.per_head_weights(which))]
     return C.orthogonality_weights(blocks).loss
 
@@ -165,11 +167,13 @@ ARMS: dict[str, Arm] = {
             formulas={v: C.FORMULAS[f"orthogonality_{v}"] for v in C.ORTHOGONALITY_VARIANTS},
             fields=(
                 Field("orthogonality", float, 0.0, "weight; 0 = off"),
-                Field("orthogonality_variant", str, "outputs", '"outputs", "weights" (Q/K/V subspaces) or "attention" (maps)'),
+                Field("orthogonality_variant", str, "outputs",
+                      '"outputs" (z_h), "weights" (Q/K/V subspaces), "attention" (maps) or "contributions" (z_h W_O[h], basis-invariant)'),
                 Field("orthogonality_on", str, "qkv", 'for variant "weights": which projections, any of "q", "k", "v"'),
             ),
             variant_field="orthogonality_variant", variants=C.ORTHOGONALITY_VARIANTS,
-            captures=lambda cfg: frozenset({"outputs": {"head_out"}, "weights": set(), "attention": {"attn"}}[cfg.orthogonality_variant]),
+            captures=lambda cfg: frozenset({"outputs": {"head_out"}, "weights": set(), "attention": {"attn"},
+                                            "contributions": {"head_contrib"}}[cfg.orthogonality_variant]),
             loss=_orthogonality_loss, checks=_orthogonality_checks,
         ),
         Arm(

@@ -61,7 +61,7 @@ _TINY = torch.finfo(torch.float32).tiny
 # Keeps divisions by norms and standard deviations finite for all-zero inputs (then the result is 0).
 _EPS = 1e-12
 
-ORTHOGONALITY_VARIANTS = ("outputs", "weights", "attention")
+ORTHOGONALITY_VARIANTS = ("outputs", "weights", "attention", "contributions")
 MI_VARIANTS = ("infonce", "club")
 
 FORMULAS: dict[str, str] = {
@@ -81,6 +81,12 @@ FORMULAS: dict[str, str] = {
         "**Attention-map orthogonality** — L = mean over layers, real queries q and head pairs i<j of "
         "cos(Aᵢ[q, ·], Aⱼ[q, ·]) = Σₖ Aᵢ[q,k] Aⱼ[q,k] / (‖Aᵢ[q, ·]‖ ‖Aⱼ[q, ·]‖), k over real keys. "
         "0 when the heads attend to disjoint positions, 1 when to the same ones in the same proportions."
+    ),
+    "orthogonality_contributions": (
+        "**Contribution orthogonality** — L = mean over layers ℓ, real tokens t and head pairs i<j of "
+        "cos²(cᵢ(t), cⱼ(t)), with cᵢ(t) = zᵢ(t) W_O[i] ∈ ℝ^d_model head i's contribution to the residual "
+        "stream. Unlike head-output orthogonality it is unchanged by W_V[i] → W_V[i] R, W_O[i] → Rᵀ W_O[i] "
+        "(any rotation R), which changes nothing the model computes: it cannot be met by re-basing a head."
     ),
     "infonce": (
         "**InfoNCE mutual information** (minimised) — per layer and head pair i<j, pooled head outputs "
@@ -344,6 +350,23 @@ def orthogonality_attention(attn: list[Tensor], padding_mask: Tensor) -> Constra
         for A in attn
     ]
     return _token_level(per_layer, padding_mask)
+
+
+def orthogonality_contributions(head_contrib: list[Tensor], padding_mask: Tensor) -> ConstraintResult:
+    """Mean squared cosine similarity between different heads' contributions to the residual stream.
+
+    head_contrib: per layer (B, H, T, d_model), c_h(t) = z_h(t) W_O[h]; padding_mask: (B, T).
+
+        L = mean_{ℓ, real t, i<j} cos²(c_ℓi(t), c_ℓj(t))
+
+    The basis-invariant version of :func:`orthogonality_outputs`: head outputs z_h can be made orthogonal
+    by rotating a head's W_V and counter-rotating its W_O (z_h → z_h R, W_O[h] → Rᵀ W_O[h]) without
+    changing the model's function, which a penalty on z_h rewards; c_h is unchanged by that rotation, so
+    this penalty can only be lowered by heads that really write different directions. Same
+    normalisation, per-token values and diagnostics as :func:`orthogonality_outputs` (it is that
+    function on c_h instead of z_h).
+    """
+    return orthogonality_outputs(head_contrib, padding_mask)
 
 
 # ------------------------------------------------------------------------------------ mutual information
@@ -710,6 +733,7 @@ __all__ = [
     "measure",
     "normalised_row_entropy",
     "orthogonality_attention",
+    "orthogonality_contributions",
     "orthogonality_outputs",
     "orthogonality_weights",
     "pooled_heads",
