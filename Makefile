@@ -21,7 +21,7 @@ test: $(STAMP)
 # The numerics-sensitive tests (cross-path comparisons, known values, bit-identical resume) under each
 # of PyTorch's CPU kernel sets this CPU can run: a second machine's vector kernels, without a second
 # machine. Not part of `make test`.
-KERNEL_TESTS := tests/test_model.py tests/test_constraints.py tests/test_analysis.py tests/test_train.py
+KERNEL_TESTS := tests/test_model.py tests/test_constraints.py tests/test_objective.py tests/test_analysis.py tests/test_train.py
 test-kernels: $(STAMP)
 	@set -e; for cap in default avx2 $$(grep -qw avx512f /proc/cpuinfo && echo avx512); do \
 		echo "== ATEN_CPU_CAPABILITY=$$cap: $$(ATEN_CPU_CAPABILITY=$$cap $(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')"; \
