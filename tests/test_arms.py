@@ -36,7 +36,7 @@ def test_config_checks_come_from_the_arms_and_name_the_field():
         ConstraintConfig(orthogonality=-1.0, orthogonality_variant="maps", mi_temperature=0.0, orthogonality_on="x")
     text = str(err.value)
     assert "orthogonality=-1.0 must be >= 0.0" in text
-    assert "orthogonality_variant='maps' is not one of ['outputs', 'weights', 'attention']" in text
+    assert "orthogonality_variant='maps' is not one of ['outputs', 'weights', 'attention', 'contributions', 'published']" in text
     assert "mi_temperature=0.0 must be > 0" in text and "orthogonality_on='x'" in text
 
 
@@ -87,3 +87,15 @@ def test_objective_sums_the_registry_losses_with_the_weights():
     total, terms = constraints.loss(out, pad, model)
     assert list(terms) == ["attention_entropy", "head_usage"]
     torch.testing.assert_close(total, torch.tensor(0.5 * terms["attention_entropy"] + 2.0 * terms["head_usage"]))
+
+
+def test_fields_added_later_leave_existing_hashes_alone_until_set():
+    # attention_entropy_variant and head_usage_variant came after runs were cached: at their defaults they
+    # are left out of the hash (the default computes what the code did before), set they are in it.
+    base = RunConfig()
+    assert "attention_entropy_variant" in base.to_dict()["constraints"]
+    assert "attention_entropy_variant" not in base.hash_dict()["constraints"]
+    assert run_hash(base) == "87cc305985f7c0a2"
+    published = base.replace(**{"constraints.attention_entropy_variant": "published"})
+    assert published.hash_dict()["constraints"]["attention_entropy_variant"] == "published"
+    assert run_hash(published) != run_hash(base)

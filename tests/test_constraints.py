@@ -21,6 +21,10 @@ from disentangle.constraints import (
     orthogonality_outputs,
     orthogonality_weights,
     pooled_heads,
+    published_attention_entropy,
+    published_head_usage,
+    published_infonce,
+    published_orthogonality,
 )
 from disentangle.model import Encoder, ModelConfig
 from disentangle.objective import Constraints
@@ -355,9 +359,75 @@ def test_measure_reports_every_constraint_and_formulas_cover_them(model_batch):
     assert all(math.isfinite(v) for v in values.values())
     # MI needs a trained estimator (analysis.estimate_head_mi); the contribution variant is not yet a
     # measure of every run (adding one changes what finished runs record: a CODE_VERSION bump).
-    assert main | {"infonce", "club", "orthogonality_contributions"} == set(FORMULAS)
+    published = {"orthogonality_published", "mi_published", "attention_entropy_published", "head_usage_published"}
+    assert main | {"infonce", "club", "orthogonality_contributions"} | published == set(FORMULAS)
     assert not any("$" in f or "\\" in f for f in FORMULAS.values())  # Unicode math, no LaTeX
     mistune = pytest.importorskip("mistune")  # nbconvert's Markdown renderer
     for formula in FORMULAS.values():  # the bold title renders, and no stray _ or * turns into emphasis
         html = mistune.html(formula)
         assert html.count("<strong>") == 1 and "<em>" not in html
+
+
+# ----------------------------------------------------------------------------- the published losses
+
+
+def test_published_orthogonality_by_hand():
+    pad = torch.zeros(1, 1, dtype=torch.bool)
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 3.0]])[None, :, None, :]  # (B=1, H=2, T=1, 2): r = e_0, e_1
+    assert published_orthogonality([orthogonal], pad).loss.item() == pytest.approx(0.0, abs=KNOWN)
+    same = torch.tensor([[1.0, 0.0], [2.0, 0.0]])[None, :, None, :]  # G = all ones: (G - I)² has two 1s of four
+    assert published_orthogonality([same], pad).loss.item() == pytest.approx(0.5, abs=KNOWN)
+
+
+def test_published_infonce_by_hand_and_its_sign():
+    # Two samples, two identical heads: logits = I / 0.2, so each row's CE is log(1 + e^-5).
+    r = torch.eye(2)[:, None, None, :].expand(2, 2, 1, 2)  # (B=2, H=2, T=1, d=2)
+    result = published_infonce([r], torch.zeros(2, 1, dtype=torch.bool))
+    assert result.loss.item() == pytest.approx(math.log(1 + math.exp(-5)), abs=KNOWN)
+    assert result.diagnostics["infonce"] == pytest.approx(math.log(2) - math.log(1 + math.exp(-5)), abs=KNOWN)
+    # The sign, measured independently: minimising the published term on a toy pair of heads raises the
+    # InfoNCE estimate of their MI by a freshly trained critic (analysis.estimate_mi), from about 0.
+    from disentangle.analysis import estimate_mi
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = torch.randn(256, 4, generator=g).requires_grad_(True)
+    pad = torch.zeros(256, 1, dtype=torch.bool)
+    before = estimate_mi(x[None], y.detach()[None], "infonce", steps=150, seed=0).item()
+    opt = torch.optim.Adam([y], lr=0.05)
+    for _ in range(100):
+        loss = published_infonce([torch.stack([x, y], 1)[:, :, None, :]], pad).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = estimate_mi(x[None], y.detach()[None], "infonce", steps=150, seed=0).item()
+    assert before < 0.2 and after > before + 1.0, (before, after)
+
+
+def test_published_attention_entropy_and_head_usage_by_hand():
+    pad = torch.tensor([[False, False, True]])  # two real tokens
+    uniform = attention_from_scores(torch.zeros(1, 2, 3, 3), pad)
+    assert published_attention_entropy([uniform], pad).loss.item() == pytest.approx(math.log(2), abs=KNOWN)  # nats
+    assert attention_entropy([uniform], pad).loss.item() == pytest.approx(1.0, abs=KNOWN)  # ours: / log n
+    equal = F.normalize(torch.randn(1, 2, 3, 4), dim=-1)
+    assert published_head_usage([equal], pad).loss.item() == pytest.approx(math.log(2), abs=KNOWN)
+    one = torch.zeros(1, 2, 3, 4)
+    one[:, 0] = torch.randn(1, 3, 4)
+    assert published_head_usage([one], pad).loss.item() == pytest.approx(0.0, abs=KNOWN)
+
+
+@pytest.mark.parametrize("name", ["orthogonality", "mutual_information", "attention_entropy", "head_usage"])
+def test_published_variants_train_through_the_objective(name, model_batch):
+    from disentangle import arms
+    from disentangle.objective import Constraints
+
+    model, tokens, pad = model_batch
+    arm = arms.get(name)
+    cfg = ConstraintConfig(**{name: 0.1, arm.variant_field: "published"})
+    constraints = Constraints(cfg, SMALL)
+    assert constraints.states == {}  # the published MI term has no critic to train
+    out = model(tokens, pad, capture=constraints.captures)
+    total, terms = constraints.loss(out, pad, model)
+    assert torch.isfinite(total) and set(terms) == {name}
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

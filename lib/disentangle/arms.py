@@ -46,6 +46,9 @@ class Field:
     type: type
     default: Any
     doc: str = ""
+    # True for a field added after runs were first cached: at its default it is left out of the run
+    # hash (its default must then compute exactly what the code did without it).
+    added: bool = False
 
 
 @dataclass
@@ -132,6 +135,8 @@ def _orthogonality_loss(x: LossInputs) -> Tensor:
         return C.orthogonality_attention(x.select(x.out.attn), x.padding_mask).loss
     if variant == "contributions":
         return C.orthogonality_contributions(x.select(x.out.head_contrib), x.padding_mask).loss
+    if variant == "published":
+        return C.published_orthogonality(x.select(x.out.head_out), x.padding_mask).loss
     blocks = [w for which in x.cfg.orthogonality_on for w in x.select(x.model.per_head_weights(which))]
     return C.orthogonality_weights(blocks).loss
 
@@ -146,7 +151,9 @@ def _mi_checks(cfg: Any) -> list[str]:
     return [*positive("mi_temperature", cfg.mi_temperature), *positive("mi_hidden", cfg.mi_hidden), *positive("mi_lr", cfg.mi_lr)]
 
 
-def _mi_state(cfg: Any, model_cfg: ModelConfig, layers: tuple[int, ...], device: Any) -> C.MIEstimator:
+def _mi_state(cfg: Any, model_cfg: ModelConfig, layers: tuple[int, ...], device: Any) -> C.MIEstimator | None:
+    if cfg.mi_variant == "published":  # a fixed cosine critic: nothing to train
+        return None
     return C.MIEstimator(cfg.mi_variant, len(layers), model_cfg.n_heads, model_cfg.d_head,
                          cfg.mi_hidden, cfg.mi_temperature, cfg.mi_lr, device)
 
@@ -156,7 +163,15 @@ def _mi_step(state: C.MIEstimator, x: LossInputs) -> dict[str, float]:
 
 
 def _mi_loss(x: LossInputs) -> Tensor:
+    if x.cfg.mi_variant == "published":
+        return C.published_infonce(x.select(x.out.head_out), x.padding_mask).loss
     return x.state.loss(x.select(x.out.head_out), x.padding_mask)
+
+
+def _usage_loss(x: LossInputs) -> Tensor:
+    if x.cfg.head_usage_variant == "published":
+        return C.published_head_usage(x.select(x.out.head_out), x.padding_mask).loss
+    return C.head_usage_entropy(x.select(x.out.head_contrib), x.padding_mask).loss
 
 
 ARMS: dict[str, Arm] = {
@@ -168,20 +183,22 @@ ARMS: dict[str, Arm] = {
             fields=(
                 Field("orthogonality", float, 0.0, "weight; 0 = off"),
                 Field("orthogonality_variant", str, "outputs",
-                      '"outputs" (z_h), "weights" (Q/K/V subspaces), "attention" (maps) or "contributions" (z_h W_O[h], basis-invariant)'),
+                      '"outputs" (z_h), "weights" (Q/K/V subspaces), "attention" (maps), "contributions" '
+                      '(z_h W_O[h], basis-invariant) or "published" (the original study\'s loss)'),
                 Field("orthogonality_on", str, "qkv", 'for variant "weights": which projections, any of "q", "k", "v"'),
             ),
             variant_field="orthogonality_variant", variants=C.ORTHOGONALITY_VARIANTS,
             captures=lambda cfg: frozenset({"outputs": {"head_out"}, "weights": set(), "attention": {"attn"},
-                                            "contributions": {"head_contrib"}}[cfg.orthogonality_variant]),
+                                            "contributions": {"head_contrib"}, "published": {"head_out"}}[cfg.orthogonality_variant]),
             loss=_orthogonality_loss, checks=_orthogonality_checks,
         ),
         Arm(
             "mutual_information", "mutual information", "#ff7f0e", "constraint",
-            formulas={v: C.FORMULAS[v] for v in C.MI_VARIANTS},
+            formulas={"infonce": C.FORMULAS["infonce"], "club": C.FORMULAS["club"], "published": C.FORMULAS["mi_published"]},
             fields=(
                 Field("mutual_information", float, 0.0, "weight; 0 = off"),
-                Field("mi_variant", str, "infonce", '"infonce" (lower bound, minimised) or "club" (upper bound, Cheng et al. 2020)'),
+                Field("mi_variant", str, "infonce", '"infonce" (lower bound, minimised), "club" (upper bound, Cheng et al. 2020) '
+                      'or "published" (the original study\'s term, with its sign)'),
                 Field("mi_temperature", float, 0.1, "InfoNCE critic: cosine similarity of learned projections / temperature"),
                 # Both estimators need a trained network (InfoNCE's critic, CLUB's q), one per head pair, trained in
                 # alternation with the model: a fixed critic cannot see dependence between heads' different bases.
@@ -194,17 +211,24 @@ ARMS: dict[str, Arm] = {
         ),
         Arm(
             "attention_entropy", "attention entropy", "#2ca02c", "constraint",
-            formulas={"": C.FORMULAS["attention_entropy"]},
-            fields=(Field("attention_entropy", float, 0.0, "weight; 0 = off"),),
+            formulas={"normalised": C.FORMULAS["attention_entropy"], "published": C.FORMULAS["attention_entropy_published"]},
+            fields=(Field("attention_entropy", float, 0.0, "weight; 0 = off"),
+                    Field("attention_entropy_variant", str, "normalised",
+                          '"normalised" (by log n) or "published" (the original study\'s, in nats)', added=True)),
+            variant_field="attention_entropy_variant", variants=C.ENTROPY_VARIANTS,
             captures=lambda cfg: frozenset({"attn"}),
-            loss=lambda x: C.attention_entropy(x.select(x.out.attn), x.padding_mask).loss,
+            loss=lambda x: (C.published_attention_entropy if x.cfg.attention_entropy_variant == "published"
+                            else C.attention_entropy)(x.select(x.out.attn), x.padding_mask).loss,
         ),
         Arm(
             "head_usage", "head usage", "#d62728", "constraint",
-            formulas={"": C.FORMULAS["head_usage"]},
-            fields=(Field("head_usage", float, 0.0, "weight; 0 = off"),),
-            captures=lambda cfg: frozenset({"head_contrib"}),
-            loss=lambda x: C.head_usage_entropy(x.select(x.out.head_contrib), x.padding_mask).loss,
+            formulas={"contributions": C.FORMULAS["head_usage"], "published": C.FORMULAS["head_usage_published"]},
+            fields=(Field("head_usage", float, 0.0, "weight; 0 = off"),
+                    Field("head_usage_variant", str, "contributions",
+                          '"contributions" (norms of z_h W_O[h], normalised by log H) or "published" (norms of z_h, nats)', added=True)),
+            variant_field="head_usage_variant", variants=C.USAGE_VARIANTS,
+            captures=lambda cfg: frozenset({"head_out"} if cfg.head_usage_variant == "published" else {"head_contrib"}),
+            loss=_usage_loss,
         ),
     )
 }

@@ -129,7 +129,7 @@ def _active(self) -> dict[str, float]:
 # same as a hand-written dataclass with these fields in this order.
 ConstraintConfig = make_dataclass(
     "ConstraintConfig",
-    [(f.name, f.type, field(default=f.default, metadata={"doc": f.doc})) for arm in ARMS.values() for f in arm.fields]
+    [(f.name, f.type, field(default=f.default, metadata={"doc": f.doc, "added": f.added})) for arm in ARMS.values() for f in arm.fields]
     + [("layers", tuple[int, ...], field(default=(), metadata={
         "doc": "layers the constraints act on; empty = every global (not sentence-local) layer"}))],
     bases=(Config,),
@@ -163,8 +163,9 @@ class RunConfig(Config):
 
 
 def run_hash(cfg: RunConfig) -> str:
-    """Stable 16-hex-digit id of a run: its full config plus CODE_VERSION."""
-    payload = json.dumps({"code_version": CODE_VERSION, "config": cfg.to_dict()}, sort_keys=True)
+    """Stable 16-hex-digit id of a run: its full config plus CODE_VERSION (fields added later, at their
+    default, left out: :meth:`~disentangle.schema.Config.hash_dict`)."""
+    payload = json.dumps({"code_version": CODE_VERSION, "config": cfg.hash_dict()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

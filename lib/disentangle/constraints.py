@@ -61,8 +61,11 @@ _TINY = torch.finfo(torch.float32).tiny
 # Keeps divisions by norms and standard deviations finite for all-zero inputs (then the result is 0).
 _EPS = 1e-12
 
-ORTHOGONALITY_VARIANTS = ("outputs", "weights", "attention", "contributions")
-MI_VARIANTS = ("infonce", "club")
+ORTHOGONALITY_VARIANTS = ("outputs", "weights", "attention", "contributions", "published")
+MI_VARIANTS = ("infonce", "club", "published")
+ENTROPY_VARIANTS = ("normalised", "published")
+USAGE_VARIANTS = ("contributions", "published")
+PUBLISHED_TEMPERATURE = 0.2  # the original study's InfoNCE logits r_i r_jᵀ / 0.2
 
 FORMULAS: dict[str, str] = {
     "orthogonality_outputs": (
@@ -88,6 +91,12 @@ FORMULAS: dict[str, str] = {
         "stream. Unlike head-output orthogonality it is unchanged by W_V[i] → W_V[i] R, W_O[i] → Rᵀ W_O[i] "
         "(any rotation R), which changes nothing the model computes: it cannot be met by re-basing a head."
     ),
+    "orthogonality_published": (
+        "**Orthogonality as published** — per head h, rₕ = the mean over real tokens of zₕ, L2-normalised; "
+        "G[h, h′] = rₕ · rₕ′; L = mean over samples and all (h, h′) of (G − I)². Pooled per sample before "
+        "comparing (this project's variants compare every token), diagonal and both orders included, "
+        "last layer only in the published runs. Like head-output orthogonality, met by re-basing a head."
+    ),
     "infonce": (
         "**InfoNCE mutual information** (minimised) — per layer and head pair i<j, pooled head outputs "
         "xₙ = mean over real tokens of zᵢ, yₙ = same for zⱼ (n = 1…N samples of the batch), standardised; critic "
@@ -101,6 +110,22 @@ FORMULAS: dict[str, str] = {
         "I_CLUB = (1/N) Σₙ log q(yₙ | xₙ) − (1/N²) Σₙ Σₘ log q(yₘ | xₙ), x and y standardised per feature. "
         "L = mean over layers and pairs of max(I_CLUB, 0). "
         "An upper bound on I(x; y) when q is close to p(y | x)."
+    ),
+    "mi_published": (
+        "**The published \"InfoNCE MI proxy\"** — rₕ as in published orthogonality; per head pair i<j, "
+        "the cross-entropy CE of the logits rᵢ rⱼᵀ / 0.2 (N × N over the batch) against the diagonal; "
+        "L = mean over pairs of CE, minimised. Since I_NCE = log N − CE, minimising CE maximises the "
+        "InfoNCE lower bound on I(rᵢ; rⱼ): as published the term makes heads more dependent, not less."
+    ),
+    "attention_entropy_published": (
+        "**Attention entropy as published** — L = mean over samples and heads of the mean over real queries "
+        "of −Σₖ A[q,k] log A[q,k] (k over real keys), in nats: not divided by log n, so longer stories "
+        "weigh more than in this project's normalised version."
+    ),
+    "head_usage_published": (
+        "**Head usage as published** — aₕ = mean over samples of the mean over real tokens of ‖zₕ(t)‖₂ "
+        "(the head output before W_O); p = a / Σ a; L = −Σₕ pₕ log pₕ in nats. This project's version "
+        "uses the contributions zₕ W_O[h] (what a head adds to the residual stream) and divides by log H."
     ),
     "attention_entropy": (
         "**Attention-entropy sparsity** — L = mean over layers, heads and real queries q of "
@@ -676,6 +701,83 @@ def head_usage_entropy(head_contrib: list[Tensor], padding_mask: Tensor) -> Cons
     return ConstraintResult(loss, None, _floats(max_share=p.max(), effective_heads=ent.exp().mean()))
 
 
+# ------------------------------------------------------------------------------- the published losses
+
+
+def _published_pooled(head_out: Tensor, padding_mask: Tensor) -> Tensor:
+    """r_h of the original study: (B, H, T, d_head) -> (B, H, d_head), the mean over real tokens,
+    L2-normalised. (It zero-pads r_h to d_model first, which changes no dot product.)"""
+    return F.normalize(pooled_heads(head_out, padding_mask), dim=-1, eps=_EPS)
+
+
+@_full_precision
+def published_orthogonality(head_out: list[Tensor], padding_mask: Tensor) -> ConstraintResult:
+    """The original study's orthogonality loss: mean over samples and all head pairs (h, h′), diagonal
+    included, of (G − I)², G[h, h′] = r_h · r_h′ (:data:`FORMULAS` ``orthogonality_published``).
+    Per layer, then the mean over layers (the published runs constrain the last layer only)."""
+    _check_layers(head_out, "head_out")
+    losses = []
+    for z in head_out:
+        r = _published_pooled(z, padding_mask)  # (B, H, dh)
+        G = r @ r.transpose(-1, -2)  # (B, H, H)
+        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+        losses.append((G - eye).square().mean())
+    return ConstraintResult(torch.stack(losses).mean(), None, {})
+
+
+@_full_precision
+def published_infonce(head_out: list[Tensor], padding_mask: Tensor, temperature: float = PUBLISHED_TEMPERATURE) -> ConstraintResult:
+    """The original study's "InfoNCE MI proxy", with its sign: the mean over head pairs i<j of the
+    cross-entropy of the logits r_i r_jᵀ / temperature (B × B) against the diagonal, *minimised*.
+
+    CE = log B − I_NCE for the fixed cosine critic, so minimising it raises the InfoNCE bound between
+    heads: the published term increases their dependence (:data:`FORMULAS` ``published``). Diagnostics:
+    ``infonce`` (mean I_NCE = log B − CE over pairs), ``log_n``.
+    """
+    _check_layers(head_out, "head_out")
+    ces = []
+    for z in head_out:
+        r = _published_pooled(z, padding_mask)  # (B, H, dh)
+        i, j = _pairs(r.shape[1], r.device)
+        logits = r[:, i].transpose(0, 1) @ r[:, j].permute(1, 2, 0) / temperature  # (P, B, B)
+        target = torch.arange(r.shape[0], device=r.device).expand(len(i), -1)  # (P, B)
+        ces.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(len(i), -1).mean(-1))
+    ce = torch.cat(ces)  # (L·P,)
+    log_n = math.log(head_out[0].shape[0])
+    return ConstraintResult(ce.mean(), None, _floats(infonce=log_n - ce.mean(), log_n=torch.tensor(log_n)))
+
+
+@_full_precision
+def published_attention_entropy(attn: list[Tensor], padding_mask: Tensor) -> ConstraintResult:
+    """The original study's attention entropy: mean over samples and heads of the mean over real queries of
+    −Σ_k A log A over real keys, in nats, unnormalised (:data:`FORMULAS` ``attention_entropy_published``)."""
+    _check_layers(attn, "attn")
+    real = (~padding_mask).float()  # (B, T)
+    n_real = real.sum(1).clamp_min(1.0)  # (B,)
+    losses = []
+    for A in attn:
+        ent = _RowEntropy.apply(_upcast(A), padding_mask[:, None, None, :])  # (B, H, T) nats
+        per_sample = (ent * real[:, None, :]).sum(-1) / n_real[:, None]  # (B, H): mean over real queries
+        losses.append(per_sample.mean())
+    return ConstraintResult(torch.stack(losses).mean(), None, {})
+
+
+@_full_precision
+def published_head_usage(head_out: list[Tensor], padding_mask: Tensor) -> ConstraintResult:
+    """The original study's head-usage entropy: a_h = mean over samples of the mean over real tokens of
+    ‖z_h(t)‖₂, p = a / Σ a, L = −Σ p log p in nats (:data:`FORMULAS` ``head_usage_published``)."""
+    _check_layers(head_out, "head_out")
+    real = (~padding_mask).float()
+    n_real = real.sum(1).clamp_min(1.0)
+    losses = []
+    for z in head_out:
+        norms = torch.linalg.vector_norm(_upcast(z), dim=-1) * real[:, None, :]  # (B, H, T)
+        a = (norms.sum(-1) / n_real[:, None]).mean(0)  # (H,)
+        p = a / a.sum().clamp_min(_EPS)
+        losses.append(-_plogp(p).sum())
+    return ConstraintResult(torch.stack(losses).mean(), None, {})
+
+
 # ----------------------------------------------------------------------------------------------- measure
 
 
@@ -721,8 +823,10 @@ __all__ = [
     "CLUB",
     "FORMULAS",
     "MEASURE_CAPTURES",
+    "ENTROPY_VARIANTS",
     "MI_VARIANTS",
     "ORTHOGONALITY_VARIANTS",
+    "USAGE_VARIANTS",
     "ConstraintResult",
     "CosineCritic",
     "MIEstimator",
@@ -737,4 +841,8 @@ __all__ = [
     "orthogonality_outputs",
     "orthogonality_weights",
     "pooled_heads",
+    "published_attention_entropy",
+    "published_head_usage",
+    "published_infonce",
+    "published_orthogonality",
 ]

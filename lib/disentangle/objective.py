@@ -41,7 +41,8 @@ class Constraints:
         self.arms = {name: arms_mod.get(name) for name in arms_mod.constraint_names() if name in self.weights}
         self.captures: frozenset[str] = frozenset().union(*(a.captures(cfg) for a in self.arms.values()))
         # Built in registry order from the global RNG, so the run's seed fixes every state.
-        self.states = {name: a.state(cfg, model_cfg, self.layers, device) for name, a in self.arms.items() if a.state}
+        states = {name: a.state(cfg, model_cfg, self.layers, device) for name, a in self.arms.items() if a.state}
+        self.states = {name: st for name, st in states.items() if st is not None}  # e.g. no estimator to train
 
     def _inputs(self, name: str, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> arms_mod.LossInputs:
         return arms_mod.LossInputs(out, padding_mask, model, self.layers, self.cfg, self.states.get(name))

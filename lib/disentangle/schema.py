@@ -165,6 +165,19 @@ class Config:
 
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def hash_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the fields added after runs were first cached that still hold their
+        default (``field(metadata={"added": True})``): such a field at its default computes what the code
+        did before it existed, so it must not change the hash of any existing run."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Config):
+                out[f.name] = v.hash_dict()
+            elif not (f.metadata.get("added") and v == f.default):
+                out[f.name] = self.to_dict()[f.name]
+        return out
+
     def replace(self, **changes: Any) -> Self:
         """Copy with some fields changed; dotted keys reach into sections: ``replace(**{"model.d_ff": 256})``."""
         d = self.to_dict()
