@@ -500,3 +500,48 @@ def test_a_token_in_another_sentence_cannot_change_a_local_layers_output():
     b = model(changed, padding, capture="head_out", segments=segments).head_out[0]
     torch.testing.assert_close(a[0, :, 1:4], b[0, :, 1:4])
     assert not torch.allclose(a[0, :, 4:7], b[0, :, 4:7])
+
+
+# ---------------------------------------------------------------- sparse attention by construction (entmax)
+
+
+@pytest.mark.parametrize("attention", ["entmax15", "entmax_alpha"])
+def test_entmax_attention_rows_sum_to_one_with_exact_zeros_in_the_global_layers_only(attention):
+    from entmax import entmax15, entmax_bisect
+
+    cfg = make_cfg(n_layers=2, local_layers=1, attention=attention, pos_encoding="learned")
+    model = model_for(cfg)
+    with torch.no_grad():  # spread the scores, so that entmax has real keys to set to 0
+        model.blocks[1].attn.W_Q.mul_(30.0)
+        model.blocks[1].attn.W_K.mul_(30.0)
+    tokens, padding, segments = segmented_batch()
+    seen = {}
+    model.blocks[1].attn.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    out = model(tokens, padding, capture="attn", segments=segments)
+    local, glob = out.attn
+    rows_sum_to_one(glob)
+    assert torch.all(glob[padding[:, None, None, :].expand_as(glob)] == 0)  # padded keys: exactly 0
+    real_pairs = ~padding[:, None, None, :].expand_as(glob) & ~padding[:, None, :, None].expand_as(glob)
+    assert (glob[real_pairs] == 0).any()  # exact zeros on real keys too: sparse by construction
+    assert (local[~padding[:, None, None, :].expand_as(local) & (local > 0)]).numel() > 0  # the local layer: softmax
+    # The library's function of this head's scores (reference: q kᵀ / √d_head, as in the softmax test above).
+    attn, x, h = model.blocks[1].attn, seen["x"], 2
+    b = attn.b_QKV.view(3, cfg.n_heads, cfg.d_head)
+    q, k = x @ attn.W_Q[h] + b[0, h], x @ attn.W_K[h] + b[1, h]
+    scores = ((q @ k.transpose(1, 2)) / math.sqrt(cfg.d_head)).masked_fill(padding[:, None, :], -1e4)
+    expected = entmax15(scores, dim=-1) if attention == "entmax15" else entmax_bisect(scores, attn.alpha[h], dim=-1)
+    n = cfg.d_model + cfg.d_head + 2 * tokens.shape[1]
+    assert_close(glob[:, h], expected.masked_fill(padding[:, None, :], 0.0), n)
+
+
+def test_learned_alpha_gets_a_gradient_and_bad_attention_is_named():
+    torch.manual_seed(0)
+    model = Encoder(make_cfg(attention="entmax_alpha")).train()  # alpha_logit starts at 0: alpha 1.5
+    tokens, padding = batch()
+    F.cross_entropy(model(tokens, padding).logits, torch.arange(5) % C).backward()
+    for block in model.blocks:
+        assert block.attn.alpha_logit.grad is not None and torch.isfinite(block.attn.alpha_logit.grad).all()
+        torch.testing.assert_close(block.attn.alpha, torch.full((4,), 1.5))
+    assert model_for(make_cfg()).blocks[0].attn.alpha is None
+    with pytest.raises(ConfigError, match=r"attention='sparsemax' is not one of \['softmax', 'entmax15', 'entmax_alpha'\]"):
+        make_cfg(attention="sparsemax")

@@ -34,6 +34,8 @@ def conda_deps() -> dict[str, str]:
             if name in ("python", "pip"):
                 continue
             deps[CONDA_TO_PYPI.get(name, name)] = spec
+        elif isinstance(item, dict):  # the pip: section, for packages conda does not have
+            deps.update(_split(s) for s in item.get("pip", []) if not s.startswith("-e"))
     return deps
 
 

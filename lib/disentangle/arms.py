@@ -230,6 +230,21 @@ ARMS: dict[str, Arm] = {
             captures=lambda cfg: frozenset({"head_out"} if cfg.head_usage_variant == "published" else {"head_contrib"}),
             loss=_usage_loss,
         ),
+        # Sparse attention by construction (architecture arms: a ModelConfig option, no loss, no weight).
+        Arm(
+            "entmax15", "1.5-entmax attention", "#8c564b", "architecture",
+            formulas={"": "**1.5-entmax attention** — in the global layers, Aₕ[q, ·] = 1.5-entmax(qₕ kₕᵀ / √d_head) "
+                          "instead of softmax: p = [(s/2 − τ)]₊² with τ chosen so that Σ p = 1 (Peters et al. 2019), "
+                          "which gives exact zeros. Sparsity is built in, not imposed by a penalty."},
+            changes={"model.attention": "entmax15"},
+        ),
+        Arm(
+            "entmax_alpha", "learned-α entmax attention", "#e377c2", "architecture",
+            formulas={"": "**Learned-α entmax attention** — α-entmax in the global layers with α = 1 + sigmoid(aₕ) ∈ (1, 2) "
+                          "learned per head, from 1.5 (Correia et al. 2019): each head finds its own sparsity, "
+                          "between softmax (α → 1) and sparsemax (α = 2)."},
+            changes={"model.attention": "entmax_alpha"},
+        ),
     )
 }
 

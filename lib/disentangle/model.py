@@ -30,7 +30,7 @@ import math
 import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,10 @@ import torch.nn.functional as F
 from .schema import Config, at_least, one_of, positive
 
 CAPTURABLE = ("attn", "head_out", "head_contrib")
+ATTENTIONS = ("softmax", "entmax15", "entmax_alpha")
+# Scores of blocked keys for entmax: finite (entmax squares and sorts its inputs, -inf would give NaN) and far
+# below any real score, so the threshold leaves them at exactly 0.
+_ENTMAX_BLOCKED = -1e4
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ class ModelConfig(Config):
     pos_encoding: str = "rope"
     readout: str = "cls"  # "cls": classify from the CLS token; "mean": from the mean over real tokens
     bias: bool = True  # biases in attention and FFN projections
+    # How the global (not sentence-local) layers turn scores into attention: "softmax"; "entmax15", 1.5-entmax
+    # (Peters et al. 2019), sparse by construction with exact zeros; "entmax_alpha", alpha-entmax with a learned
+    # alpha = 1 + sigmoid(a) in (1, 2) per head, starting at 1.5 (Correia et al. 2019). Both from the `entmax`
+    # package; both take the explicit attention path. Added after runs were cached: out of the hash at "softmax".
+    attention: str = field(default="softmax", metadata={"added": True})
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -82,6 +91,7 @@ class ModelConfig(Config):
         if self.pos_encoding == "rope" and self.d_model > 0 and self.n_heads > 0 and self.d_head % 2:
             p.append(f"pos_encoding='rope' needs an even d_head, got d_model/n_heads={self.d_head}")
         p += one_of("readout", self.readout, ("cls", "mean"))
+        p += one_of("attention", self.attention, ATTENTIONS)
         return p
 
     @property
@@ -145,10 +155,14 @@ class Attention(nn.Module):
     residual stream; the layer returns ``sum_h z_h W_O[h] + b_O``.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
         H, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
         self.n_heads, self.d_head, self.dropout = H, dh, cfg.dropout
+        # Sentence-local layers keep softmax: the alternatives, like the constraints, act on the global layers.
+        self.normaliser = "softmax" if local else cfg.attention
+        # entmax_alpha: alpha = 1 + sigmoid(alpha_logit) per head; 0 (the init of 1-D parameters) is alpha 1.5.
+        self.alpha_logit = nn.Parameter(torch.zeros(H)) if self.normaliser == "entmax_alpha" else None
         self.W_Q = nn.Parameter(torch.empty(H, d, dh))
         self.W_K = nn.Parameter(torch.empty(H, d, dh))
         self.W_V = nn.Parameter(torch.empty(H, d, dh))
@@ -186,7 +200,12 @@ class Attention(nn.Module):
             q, k, v = qkv.unbind(0)
         store: dict[str, torch.Tensor] = {}
         p_drop = self.dropout if self.training else 0.0
-        if "attn" in capture:
+        if self.normaliser != "softmax":
+            probs = self._entmax((q * dh**-0.5) @ k.transpose(-1, -2), blocked)  # (B, H, T, T)
+            if "attn" in capture:
+                store["attn"] = probs
+            z = (F.dropout(probs, p_drop) if p_drop else probs).to(v.dtype) @ v  # (B, H, T, dh)
+        elif "attn" in capture:
             # Explicit softmax, so the probabilities can be kept. The mask is additive: exp(-inf) is exactly
             # 0 on padding keys, and unlike masked_fill it costs nothing in the backward pass. Scaling q
             # (T x d_head per head) is cheaper than scaling the scores (T x T).
@@ -211,14 +230,32 @@ class Attention(nn.Module):
             out = out + self.b_O
         return out, store
 
+    def _entmax(self, scores: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """1.5-entmax or learned-alpha entmax of the scores over the keys not blocked, in float32: rows sum
+        to 1, with exact zeros on blocked keys and on real keys below the threshold."""
+        from entmax import entmax15, entmax_bisect  # the kept library (Peters et al. 2019), not a hand-written one
+
+        s = scores.float().masked_fill(blocked, _ENTMAX_BLOCKED)
+        if self.normaliser == "entmax15":
+            probs = entmax15(s, dim=-1)
+        else:
+            alpha = 1.0 + torch.sigmoid(self.alpha_logit.float()).view(1, -1, 1, 1)  # (1, H, 1, 1) in (1, 2)
+            probs = entmax_bisect(s, alpha, dim=-1)
+        return probs.masked_fill(blocked, 0.0)
+
+    @property
+    def alpha(self) -> torch.Tensor | None:
+        """(H,) the learned entmax alpha of each head (``attention="entmax_alpha"``), else None."""
+        return None if self.alpha_logit is None else 1.0 + torch.sigmoid(self.alpha_logit.detach())
+
 
 class Block(nn.Module):
     """Pre-LN block: ``x + attn(ln(x))`` then ``x + ffn(ln(x))``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, local)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ff_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.ff_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
@@ -273,7 +310,7 @@ class Encoder(nn.Module):
         else:
             self.register_buffer("pos_emb", sinusoidal_table(cfg.max_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, local=i < cfg.local_layers) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
         self._init_weights()
