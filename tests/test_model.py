@@ -378,7 +378,7 @@ def test_ablate_heads_rejects_nonexistent_heads(heads, message):
 def test_capture_names_are_validated():
     model = model_for(make_cfg())
     tokens, padding = batch()
-    with pytest.raises(ValueError, match=r"capture=\['atn'\] is not capturable \(allowed: \['attn', 'head_out', 'head_contrib'\]"):
+    with pytest.raises(ValueError, match=r"capture=\['atn'\] is not capturable \(allowed: \['attn', 'head_out', 'head_contrib', 'gates'\]"):
         model(tokens, padding, capture="atn")
     with pytest.raises(ValueError, match=r"\['bogus'\]"):
         model(tokens, padding, capture=["attn", "bogus"])
@@ -545,3 +545,52 @@ def test_learned_alpha_gets_a_gradient_and_bad_attention_is_named():
     assert model_for(make_cfg()).blocks[0].attn.alpha is None
     with pytest.raises(ConfigError, match=r"attention='sparsemax' is not one of \['softmax', 'entmax15', 'entmax_alpha'\]"):
         make_cfg(attention="sparsemax")
+
+
+# ---------------------------------------------------------------- routed heads (MoH)
+
+
+def test_router_top_k_renormalised_times_k_shared_mix_and_load_balance_by_hand():
+    from disentangle.model import Attention
+
+    cfg = ModelConfig(vocab_size=V, n_classes=C, d_model=4, n_heads=4, n_layers=1, d_ff=8, local_layers=0, pos_encoding="learned",
+                      routed_top_k=2, shared_heads=1)
+    attn = Attention(cfg)
+    with torch.no_grad():  # x = e_0: the router's logits are row 0 of W_route (3 routed heads), the mix's row 0 of W_mix
+        attn.W_route.zero_()
+        attn.W_route[0] = torch.tensor([math.log(4.0), math.log(2.0), 0.0])  # probs 4/7, 2/7, 1/7
+        attn.W_mix.zero_()  # a1 = a2 = 1
+    x = torch.zeros(1, 2, 4)
+    x[0, :, 0] = 1.0
+    gates, balance = attn.route(x, torch.zeros(1, 2, dtype=torch.bool))
+    # shared head 0: gate 1 (h_s = 1) x a1; routed: top-2 of (4/7, 2/7, 1/7) renormalised (2/3, 1/3) x k = 2, x a2
+    torch.testing.assert_close(gates[0, 0], torch.tensor([1.0, 4 / 3, 2 / 3, 0.0]))
+    # E Σ P f with P = (4/7, 2/7, 1/7), f = (1, 1, 0): 3 · 6/7
+    assert balance.item() == pytest.approx(3 * 6 / 7, abs=tol(3 + 2))
+
+
+def test_routed_heads_zero_the_unchosen_heads_and_train_the_router():
+    cfg = make_cfg(n_layers=2, routed_top_k=2, shared_heads=1, pos_encoding="learned")
+    model = model_for(cfg).train()
+    tokens, padding = batch()
+    out = model(tokens, padding, capture=("head_out", "gates"))
+    for z, g in zip(out.head_out, out.gates):  # (B, H, T, dh), (B, H, T)
+        real = ~padding[:, None, :].expand_as(g)
+        assert ((g[:, 1:] > 0).sum(1)[~padding] == 2).all()  # exactly k routed heads on at every real token
+        assert torch.all(z[(g == 0) & real] == 0)  # an unchosen head writes nothing
+    assert set(out.aux) == {"load_balance"}
+    (F.cross_entropy(out.logits, torch.arange(5) % C) + out.aux["load_balance"]).backward()
+    assert model.blocks[0].attn.W_route.grad.abs().sum() > 0 and model.blocks[0].attn.W_mix.grad.abs().sum() > 0
+    plain = model_for(make_cfg())(tokens, padding, capture="gates")
+    assert plain.aux == {} and all(torch.all(g == 1) for g in plain.gates)  # multi-head attention: every gate 1
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(routed_top_k=5), r"routed_top_k=5 must be <= the routed heads, n_heads - shared_heads = 4"),
+    (dict(routed_top_k=1, shared_heads=4), r"shared_heads=4 must be in \[0, n_heads=4\)"),
+    (dict(shared_heads=1), r"shared_heads=1 needs routing: set routed_top_k >= 1"),
+    (dict(routed_top_k=-1), r"routed_top_k=-1 must be >= 0"),
+])
+def test_bad_routing_is_named(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(**kw)

@@ -237,3 +237,16 @@ def test_the_infonce_loss_reaches_the_heads_but_not_the_critic():
     again.load_state_dict(copy.deepcopy(constraints.state_dict()))
     torch.testing.assert_close(again.loss(as_output(head_out, len(pad)), pad, None)[0], penalty.detach())
 
+
+
+def test_an_architecture_loss_joins_the_objective_with_its_weight():
+    cfg = ModelConfig(vocab_size=20, n_classes=5, d_model=16, n_heads=4, n_layers=2, d_ff=32, max_len=16,
+                      local_layers=0, routed_top_k=2, routing_balance=0.5)
+    torch.manual_seed(0)
+    model = Encoder(cfg)
+    tokens, pad = torch.randint(0, 20, (8, 10)), padding(torch.tensor([10, 8, 6, 10, 4, 9, 7, 10]), 10)
+    constraints = Constraints(ConstraintConfig(head_usage=0.1), cfg)
+    out = model(tokens, pad, capture=constraints.captures)
+    total, terms = constraints.loss(out, pad, model)
+    assert set(terms) == {"head_usage", "load_balance"}
+    torch.testing.assert_close(total, 0.1 * torch.tensor(terms["head_usage"]) + 0.5 * out.aux["load_balance"].detach())

@@ -230,7 +230,15 @@ ARMS: dict[str, Arm] = {
             captures=lambda cfg: frozenset({"head_out"} if cfg.head_usage_variant == "published" else {"head_contrib"}),
             loss=_usage_loss,
         ),
-        # Sparse attention by construction (architecture arms: a ModelConfig option, no loss, no weight).
+        # Architecture arms: a ModelConfig option, no constraint weight.
+        Arm(
+            "routed_heads", "routed heads (MoH)", "#17becf", "architecture",
+            formulas={"": "**Routed heads (MoH, Jin et al. 2024)** — in the global layers, per token, a router "
+                          "g = softmax(x W_r) over the routed heads keeps the top k, renormalised and times k; shared "
+                          "heads are always on; [a₁, a₂] = 2·softmax(x W₀) mixes the two groups; each head's output zₕ "
+                          "is multiplied by its gate before W_O. Trained with the load balance E·Σᵢ Pᵢ fᵢ (weight 0.01)."},
+            changes={"model.routed_top_k": 3, "model.shared_heads": 2},  # of the default 8 heads: 2 shared + top 3 of 6
+        ),
         Arm(
             "entmax15", "1.5-entmax attention", "#8c564b", "architecture",
             formulas={"": "**1.5-entmax attention** — in the global layers, Aₕ[q, ·] = 1.5-entmax(qₕ kₕᵀ / √d_head) "

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .schema import Config, at_least, one_of, positive
 
-CAPTURABLE = ("attn", "head_out", "head_contrib")
+CAPTURABLE = ("attn", "head_out", "head_contrib", "gates")
 ATTENTIONS = ("softmax", "entmax15", "entmax_alpha")
 # Scores of blocked keys for entmax: finite (entmax squares and sorts its inputs, -inf would give NaN) and far
 # below any real score, so the threshold leaves them at exactly 0.
@@ -71,6 +71,13 @@ class ModelConfig(Config):
     # alpha = 1 + sigmoid(a) in (1, 2) per head, starting at 1.5 (Correia et al. 2019). Both from the `entmax`
     # package; both take the explicit attention path. Added after runs were cached: out of the hash at "softmax".
     attention: str = field(default="softmax", metadata={"added": True})
+    # Routed heads, MoH-style (Jin et al. 2024), in the global layers: a per-token router keeps the top
+    # `routed_top_k` of the n_heads - shared_heads routed heads (renormalised, times k); `shared_heads` are always
+    # on, mixed with the routed group by a learned per-token two-way softmax; each head's output is multiplied
+    # by its gate before W_O. 0 = plain multi-head attention (every gate 1). Added after runs were cached.
+    routed_top_k: int = field(default=0, metadata={"added": True})
+    shared_heads: int = field(default=0, metadata={"added": True})
+    routing_balance: float = field(default=0.01, metadata={"added": True})  # weight of the load-balance loss (published 0.01)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -92,6 +99,16 @@ class ModelConfig(Config):
             p.append(f"pos_encoding='rope' needs an even d_head, got d_model/n_heads={self.d_head}")
         p += one_of("readout", self.readout, ("cls", "mean"))
         p += one_of("attention", self.attention, ATTENTIONS)
+        p += at_least("routed_top_k", self.routed_top_k, 0)
+        p += at_least("shared_heads", self.shared_heads, 0)
+        p += at_least("routing_balance", self.routing_balance, 0.0)
+        if self.routed_top_k > 0 and not 0 <= self.shared_heads < self.n_heads:
+            p.append(f"shared_heads={self.shared_heads} must be in [0, n_heads={self.n_heads}) so that some heads are routed")
+        elif self.routed_top_k > self.n_heads - self.shared_heads:
+            p.append(f"routed_top_k={self.routed_top_k} must be <= the routed heads, n_heads - shared_heads = "
+                     f"{self.n_heads - self.shared_heads}")
+        if self.shared_heads > 0 and self.routed_top_k == 0:
+            p.append(f"shared_heads={self.shared_heads} needs routing: set routed_top_k >= 1")
         return p
 
     @property
@@ -110,6 +127,9 @@ class EncoderOutput:
     logits: torch.Tensor  # (B, n_classes)
     captured: frozenset[str]
     layers: list[dict[str, torch.Tensor]]  # per layer: capture name -> tensor
+    # Losses the architecture itself asks to be trained with, e.g. {"load_balance": ...} of routed heads
+    # (the mean over routed layers); empty for a plain encoder. The objective adds them with their weights.
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def _get(self, name: str) -> list[torch.Tensor]:
         if name not in self.captured:
@@ -133,6 +153,11 @@ class EncoderOutput:
     def head_contrib(self) -> list[torch.Tensor]:
         """Per layer: each head's contribution to the residual stream (B, H, T, d_model)."""
         return self._get("head_contrib")
+
+    @property
+    def gates(self) -> list[torch.Tensor]:
+        """Per layer: each head's gate at each token (B, H, T): the MoH router's in routed layers, 1 elsewhere."""
+        return self._get("gates")
 
 
 def _normalise_capture(capture: str | Iterable[str] | bool | None) -> frozenset[str]:
@@ -163,6 +188,13 @@ class Attention(nn.Module):
         self.normaliser = "softmax" if local else cfg.attention
         # entmax_alpha: alpha = 1 + sigmoid(alpha_logit) per head; 0 (the init of 1-D parameters) is alpha 1.5.
         self.alpha_logit = nn.Parameter(torch.zeros(H)) if self.normaliser == "entmax_alpha" else None
+        # Routed heads (MoH): heads [0, shared) are shared, the rest routed. Routers are 2-D: N(0, 0.02) at init.
+        self.routed_k = 0 if local else cfg.routed_top_k
+        self.n_shared = cfg.shared_heads if self.routed_k else 0
+        E = H - self.n_shared
+        self.W_route = nn.Parameter(torch.empty(d, E)) if self.routed_k else None
+        self.W_shared = nn.Parameter(torch.empty(d, self.n_shared)) if self.n_shared > 1 else None
+        self.W_mix = nn.Parameter(torch.empty(d, 2)) if self.n_shared >= 1 else None
         self.W_Q = nn.Parameter(torch.empty(H, d, dh))
         self.W_K = nn.Parameter(torch.empty(H, d, dh))
         self.W_V = nn.Parameter(torch.empty(H, d, dh))
@@ -216,6 +248,13 @@ class Attention(nn.Module):
             z = (F.dropout(probs, p_drop) if p_drop else probs).to(v.dtype) @ v  # (B, H, T, dh)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, dropout_p=p_drop)  # (B, H, T, dh)
+        if self.routed_k:
+            gates, store["load_balance"] = self.route(x, blocked[:, 0, 0, :])  # (B, T, H), scalar
+            z = z * gates.transpose(1, 2).unsqueeze(-1).to(z.dtype)  # each head's output times its gate
+            if "gates" in capture:
+                store["gates"] = gates.transpose(1, 2)  # (B, H, T)
+        elif "gates" in capture:
+            store["gates"] = torch.ones(B, H, T, device=x.device)  # plain multi-head attention: every gate is 1
         if self.head_mask is not None:
             z = z * self.head_mask.view(1, H, 1, 1).to(z.dtype)
         if "head_out" in capture:
@@ -229,6 +268,33 @@ class Attention(nn.Module):
         if self.b_O is not None:
             out = out + self.b_O
         return out, store
+
+    def route(self, x: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoH gates (B, T, H) of every head at every token, and the load-balance loss, from x (B, T, d_model).
+
+        Routed heads (E = H − shared): g = softmax(x W_route); the top k kept, renormalised to sum to 1, times
+        k. Shared heads: softmax(x W_shared) · shared (all ones · 1 when shared = 1). With shared heads, a
+        per-token mix [a₁, a₂] = 2 · softmax(x W_mix) scales the shared gates by a₁, the routed by a₂.
+        Load balance (Switch-style, over real tokens): E · Σᵢ Pᵢ fᵢ, Pᵢ the mean of gᵢ, fᵢ the fraction of
+        tokens whose top k holds head i; k when perfectly balanced (uniform P = 1/E, f = k/E); f carries no gradient.
+        """
+        B, T, _ = x.shape
+        k, hs = self.routed_k, self.n_shared
+        probs = (x @ self.W_route).float().softmax(-1)  # (B, T, E)
+        chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(k, dim=-1).indices, 1.0)  # (B, T, E) 0/1
+        kept = probs * chosen
+        routed = kept / kept.sum(-1, keepdim=True) * k
+        if hs:
+            shared = (x @ self.W_shared).float().softmax(-1) * hs if hs > 1 else torch.ones(B, T, 1, device=x.device)
+            mix = 2.0 * (x @ self.W_mix).float().softmax(-1)  # (B, T, 2)
+            gates = torch.cat([shared * mix[..., :1], routed * mix[..., 1:]], -1)
+        else:
+            gates = routed
+        real = (~padding_mask).float()[..., None]  # (B, T, 1)
+        n = real.sum().clamp_min(1.0)
+        P = (probs * real).sum((0, 1)) / n  # (E,) mean router probability
+        f = (chosen * real).sum((0, 1)) / n  # (E,) fraction of tokens routed to each head
+        return gates, probs.shape[-1] * (P * f).sum()
 
     def _entmax(self, scores: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
         """1.5-entmax or learned-alpha entmax of the scores over the keys not blocked, in float32: rows sum
@@ -371,7 +437,9 @@ class Encoder(nn.Module):
         else:
             real = (~padding_mask).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
             pooled = (x * real).sum(1) / real.sum(1)  # every row has a real token (checked)
-        return EncoderOutput(logits=self.head(pooled), captured=names, layers=layers)
+        balance = [store.pop("load_balance") for store in layers if "load_balance" in store]
+        aux = {"load_balance": torch.stack(balance).mean()} if balance else {}
+        return EncoderOutput(logits=self.head(pooled), captured=names, layers=layers, aux=aux)
 
     def _check_inputs(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None, values: bool = True) -> torch.Tensor:
         """Clear errors for bad batches (instead of an index error deep in torch); returns the padding mask."""

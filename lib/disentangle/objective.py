@@ -21,6 +21,10 @@ from .constraints import _floats
 from .model import Encoder, EncoderOutput, ModelConfig
 
 
+# The ModelConfig field weighting each loss an architecture asks for (EncoderOutput.aux).
+_AUX_WEIGHTS = {"load_balance": "routing_balance"}
+
+
 class Constraints:
     """What the training loop uses. Built from the run's config.
 
@@ -56,6 +60,9 @@ class Constraints:
         for name, arm in self.arms.items():
             raw[name] = arm.loss(self._inputs(name, out, padding_mask, model))
             total = total + self.weights[name] * raw[name]
+        for name, value in out.aux.items():  # the architecture's own losses (routed heads' load balance)
+            raw[name] = value
+            total = total + getattr(model.cfg, _AUX_WEIGHTS[name]) * value
         return total, _floats(**raw)
 
     def auxiliary_step(self, out: EncoderOutput, padding_mask: Tensor, model: Encoder | None = None) -> dict[str, float]:
