@@ -231,7 +231,7 @@ def test_padding_changes_nothing_for_real_tokens(readout, capture, mode):
     n = chain(model.cfg, 10 + extra)
     assert_close(a.logits, b.logits, n)
     real = ~padding  # (B, T): compare only real query positions
-    for name in a.captured:
+    for name in a.captured - {"attractors"}:  # per-head captures; attractors are per token, (B, T)
         for x, y in zip(getattr(a, name), getattr(b, name)):
             if name == "attn":
                 y, tail = y[..., :10], y[..., 10:]
@@ -378,7 +378,7 @@ def test_ablate_heads_rejects_nonexistent_heads(heads, message):
 def test_capture_names_are_validated():
     model = model_for(make_cfg())
     tokens, padding = batch()
-    with pytest.raises(ValueError, match=r"capture=\['atn'\] is not capturable \(allowed: \['attn', 'head_out', 'head_contrib', 'gates'\]"):
+    with pytest.raises(ValueError, match=r"capture=\['atn'\] is not capturable \(allowed: \['attn', 'head_out', 'head_contrib', 'gates', 'attractors'\]"):
         model(tokens, padding, capture="atn")
     with pytest.raises(ValueError, match=r"\['bogus'\]"):
         model(tokens, padding, capture=["attn", "bogus"])
@@ -594,3 +594,49 @@ def test_routed_heads_zero_the_unchosen_heads_and_train_the_router():
 def test_bad_routing_is_named(kw, message):
     with pytest.raises(ConfigError, match=message):
         make_cfg(**kw)
+
+
+# ---------------------------------------------------------------- Hopfield memory
+
+
+def test_one_hopfield_update_by_hand_and_its_fixed_point():
+    from disentangle.model import HopfieldMemory, attractors
+
+    d, M = 4, 3
+    cfg = make_cfg(d_model=d, n_heads=2, hopfield_patterns=M, hopfield_beta=0.5, hopfield_steps=1, pos_encoding="learned")
+    memory = HopfieldMemory(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        memory.patterns.copy_(torch.randn(M, d, generator=g))
+        memory.out.weight.copy_(torch.eye(d))
+        memory.out.bias.zero_()
+    x = torch.randn(1, 2, d, generator=g)
+    X = F.layer_norm(memory.patterns, (d,))
+    xi = F.layer_norm(x, (d,))  # memory.ln starts as the identity affine
+    expected = torch.softmax(0.5 * xi @ X.T, -1) @ X  # xi <- X^T softmax(beta X xi), once
+    out, p = memory(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(p, torch.softmax(0.5 * expected @ X.T, -1))
+    # Large beta, many steps: the state converges to a fixed point, the stored pattern nearest it.
+    memory.beta, memory.steps, memory.tol = 50.0, 50, 1e-6
+    out, p = memory(x)
+    again = torch.softmax(50.0 * out @ X.T, -1) @ X
+    torch.testing.assert_close(again, out, atol=tol(M + d, magnitude=2.0), rtol=0)
+    assert torch.equal(attractors(p), (xi @ X.T).argmax(-1))  # each token: the pattern it started nearest to
+    assert torch.all(attractors(torch.full((1, 2, M), 1.0 / M)) == -1)  # no pattern dominates: metastable
+
+
+def test_hopfield_blocks_capture_attractors_train_the_patterns_and_bad_settings_are_named():
+    cfg = make_cfg(n_layers=2, local_layers=1, hopfield_patterns=8)
+    model = model_for(cfg).train()
+    tokens, padding, segments = segmented_batch()
+    out = model(tokens, padding, capture="attractors", segments=segments)
+    assert torch.all(out.attractors[0] == -2)  # the sentence-local layer has no memory
+    assert out.attractors[1].shape == tokens.shape and out.attractors[1].min() >= -1 and out.attractors[1].max() < 8
+    F.cross_entropy(out.logits, torch.arange(2) % C).backward()
+    assert model.blocks[1].memory.patterns.grad.abs().sum() > 0 and model.blocks[0].memory is None
+    for kw, message in [(dict(hopfield_beta=0.0), r"hopfield_beta=0.0 must be > 0"),
+                        (dict(hopfield_patterns=-1), r"hopfield_patterns=-1 must be >= 0"),
+                        (dict(hopfield_steps=0), r"hopfield_steps=0 must be > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            make_cfg(**{"hopfield_patterns": 8, **kw})

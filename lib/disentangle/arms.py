@@ -240,6 +240,15 @@ ARMS: dict[str, Arm] = {
             changes={"model.routed_top_k": 3, "model.shared_heads": 2},  # of the default 8 heads: 2 shared + top 3 of 6
         ),
         Arm(
+            "hopfield", "Hopfield memory", "#bcbd22", "architecture",
+            formulas={"": "**Hopfield memory (Ramsauer et al. 2020)** — in each global block, after attention, M learned "
+                          "stored patterns X; each token state ξ (layer-normalised, like X) is iterated "
+                          "ξ ← Xᵀ softmax(β X ξ) to its fixed point (at most a few updates, until it moves less than a "
+                          "tolerance) and the retrieved state is added to the residual stream. A token's attractor is the "
+                          "stored pattern it converges to (softmax mass > 1/2), else it is metastable."},
+            changes={"model.hopfield_patterns": 32},  # beta = 1/sqrt(d_model), hflayers' default
+        ),
+        Arm(
             "entmax15", "1.5-entmax attention", "#8c564b", "architecture",
             formulas={"": "**1.5-entmax attention** — in the global layers, Aₕ[q, ·] = 1.5-entmax(qₕ kₕᵀ / √d_head) "
                           "instead of softmax: p = [(s/2 − τ)]₊² with τ chosen so that Σ p = 1 (Peters et al. 2019), "

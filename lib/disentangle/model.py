@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from .schema import Config, at_least, one_of, positive
 
-CAPTURABLE = ("attn", "head_out", "head_contrib", "gates")
+CAPTURABLE = ("attn", "head_out", "head_contrib", "gates", "attractors")
+METASTABLE, NO_MEMORY = -1, -2  # attractor ids of a token without a dominant stored pattern, and of a layer without memory
 ATTENTIONS = ("softmax", "entmax15", "entmax_alpha")
 # Scores of blocked keys for entmax: finite (entmax squares and sorts its inputs, -inf would give NaN) and far
 # below any real score, so the threshold leaves them at exactly 0.
@@ -78,6 +79,15 @@ class ModelConfig(Config):
     routed_top_k: int = field(default=0, metadata={"added": True})
     shared_heads: int = field(default=0, metadata={"added": True})
     routing_balance: float = field(default=0.01, metadata={"added": True})  # weight of the load-balance loss (published 0.01)
+    # Hopfield memory (Ramsauer et al. 2020, hflayers' HopfieldLayer), in the global layers: `hopfield_patterns` = M
+    # learned stored patterns X; each token state after attention, xi, is iterated xi <- X^T softmax(beta X xi)
+    # (state and patterns layer-normalised, as hflayers does) for at most `hopfield_steps` updates or until
+    # max |change| < `hopfield_tol`, and the retrieved pattern is added to the residual stream (before the FFN,
+    # which stays). beta None = 1/sqrt(d_model), hflayers' default. 0 patterns = no memory. Added after runs were cached.
+    hopfield_patterns: int = field(default=0, metadata={"added": True})
+    hopfield_beta: float | None = field(default=None, metadata={"added": True})
+    hopfield_steps: int = field(default=3, metadata={"added": True})
+    hopfield_tol: float = field(default=1e-3, metadata={"added": True})
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -107,6 +117,12 @@ class ModelConfig(Config):
         elif self.routed_top_k > self.n_heads - self.shared_heads:
             p.append(f"routed_top_k={self.routed_top_k} must be <= the routed heads, n_heads - shared_heads = "
                      f"{self.n_heads - self.shared_heads}")
+        p += at_least("hopfield_patterns", self.hopfield_patterns, 0)
+        if self.hopfield_patterns:
+            if self.hopfield_beta is not None and not self.hopfield_beta > 0:
+                p.append(f"hopfield_beta={self.hopfield_beta} must be > 0 (or null for 1/sqrt(d_model))")
+            p += positive("hopfield_steps", self.hopfield_steps)
+            p += positive("hopfield_tol", self.hopfield_tol)
         if self.shared_heads > 0 and self.routed_top_k == 0:
             p.append(f"shared_heads={self.shared_heads} needs routing: set routed_top_k >= 1")
         return p
@@ -153,6 +169,12 @@ class EncoderOutput:
     def head_contrib(self) -> list[torch.Tensor]:
         """Per layer: each head's contribution to the residual stream (B, H, T, d_model)."""
         return self._get("head_contrib")
+
+    @property
+    def attractors(self) -> list[torch.Tensor]:
+        """Per layer: each token's attractor (B, T) int64: the id of the stored pattern its Hopfield retrieval
+        converged to, METASTABLE (-1) when none dominates, NO_MEMORY (-2) in a layer without memory."""
+        return self._get("attractors")
 
     @property
     def gates(self) -> list[torch.Tensor]:
@@ -315,13 +337,56 @@ class Attention(nn.Module):
         return None if self.alpha_logit is None else 1.0 + torch.sigmoid(self.alpha_logit.detach())
 
 
+class HopfieldMemory(nn.Module):
+    """M learned stored patterns that every token state retrieves from (a modern Hopfield layer).
+
+    With X (M, d) the stored patterns and xi (d,) a token's state, both layer-normalised (no affine), the
+    update ``xi <- X^T softmax(beta X xi)`` is iterated from xi = LN(x) until max |change| < tol or ``steps``
+    updates (unrolled: gradients flow through every update). Its fixed point is one stored pattern (large
+    beta), a metastable mix of similar ones, or their mean (small beta). Returns the retrieved state projected
+    back into the residual stream, and p = softmax(beta X xi) at the fixed point (B, T, M): a token's
+    *attractor* is argmax p when max p > 1/2, else it is metastable.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.ln = nn.LayerNorm(d)
+        self.patterns = nn.Parameter(torch.empty(cfg.hopfield_patterns, d))  # (M, d)
+        self.out = nn.Linear(d, d, bias=cfg.bias)
+        self.beta = cfg.hopfield_beta if cfg.hopfield_beta is not None else d**-0.5
+        self.steps, self.tol = cfg.hopfield_steps, cfg.hopfield_tol
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = x.shape[-1]
+        X = F.layer_norm(self.patterns, (d,))  # (M, d)
+        xi = self.ln(x)  # (B, T, d)
+        for _ in range(self.steps):
+            new = (self.beta * xi @ X.T).softmax(-1) @ X  # (B, T, d): one update
+            done = bool((new - xi).abs().max() < self.tol)  # converged: a fixed point within tol
+            xi = new
+            if done:
+                break
+        p = (self.beta * xi @ X.T).softmax(-1)  # (B, T, M) at the fixed point
+        return self.out(xi), p
+
+
+def attractors(p: torch.Tensor) -> torch.Tensor:
+    """(B, T, M) retrieval probabilities -> (B, T) attractor ids: the dominant stored pattern, or METASTABLE."""
+    top, idx = p.max(-1)
+    return torch.where(top > 0.5, idx, METASTABLE)
+
+
 class Block(nn.Module):
-    """Pre-LN block: ``x + attn(ln(x))`` then ``x + ffn(ln(x))``."""
+    """Pre-LN block: ``x + attn(ln(x))``, with Hopfield memory ``x + memory(x)``, then ``x + ffn(ln(x))``."""
 
     def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg, local)
+        # After attention (the token has gathered its context: "who went where" is bound), before the FFN:
+        # the state that retrieves is the one whose factors (entity, place, role) the attractors should separate.
+        self.memory = HopfieldMemory(cfg) if cfg.hopfield_patterns and not local else None
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ff_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.ff_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
@@ -330,6 +395,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, blocked: torch.Tensor, capture: frozenset[str]) -> tuple[torch.Tensor, dict]:
         a, store = self.attn(self.ln1(x), blocked, capture)
         x = x + self.drop(a)  # (B, T, d)
+        if self.memory is not None:
+            m, p = self.memory(x)
+            x = x + self.drop(m)
+            if "attractors" in capture:
+                store["attractors"] = attractors(p.detach())
+        elif "attractors" in capture:
+            store["attractors"] = torch.full(x.shape[:2], NO_MEMORY, device=x.device)
         x = x + self.drop(self.ff_out(F.gelu(self.ff_in(self.ln2(x)))))
         return x, store
 
@@ -390,7 +462,7 @@ class Encoder(nn.Module):
                 if not isinstance(self.get_submodule(name.rpartition(".")[0]), nn.LayerNorm):
                     nn.init.zeros_(p)  # biases start at 0 (nn.Linear's default is uniform); LayerNorm keeps 1, 0
                 continue
-            is_resid_out = name.endswith("attn.W_O") or name.endswith("ff_out.weight")
+            is_resid_out = name.endswith(("attn.W_O", "ff_out.weight", "memory.out.weight"))
             nn.init.normal_(p, 0.0, resid_std if is_resid_out else std)
 
     def forward(
