@@ -570,3 +570,49 @@ def test_mi_estimators_on_correlated_gaussians_with_known_mi():
     assert (club >= true - 0.05).all(), (club, true)
     assert ((club - club_closed).abs() <= 0.1 + 0.1 * club_closed).all(), (club, club_closed)
     assert (nce.diff() > 0).all() and (club.diff() > 0).all()  # both increase with ρ
+
+
+# ------------------------------------------------------------------- routed heads and Hopfield attractors
+
+
+def test_token_kinds_follow_the_lexicons(data, split):
+    kinds = A.token_kinds(split, data.vocab)
+    words = data.vocab.decode(split.tokens[0].tolist())
+    for w, k in zip(words, kinds[0]):
+        if w in PLACES:
+            assert k == "place"
+        elif w in ("<cls>", "<sep>"):
+            assert k == "special"
+    assert (kinds[split.padding_mask.numpy()] == "pad").all()
+
+
+def test_routing_stats_count_the_gates(data, split):
+    plain = A.routing_stats(tiny_model(data), split, data.vocab, tasks=data.tasks)
+    assert (plain["frequency"] == 1).all() and np.allclose(plain["routing_entropy"], 1.0)  # every gate 1
+    routed = A.routing_stats(tiny_model(data, routed_top_k=1, shared_heads=1), split, data.vocab, tasks=data.tasks)
+    everything = routed[(routed["by"] == "task") & (routed["group"] == "all")].set_index(["layer", "head"])
+    for layer, g in everything.groupby(level=0):
+        assert g.loc[(layer, 0), "frequency"] == 1.0  # the shared head is always on
+        assert g["frequency"].sum() == pytest.approx(2.0)  # + exactly one routed head per token
+    sel = A.selectivity(routed, by="role")
+    assert set(sel.columns) >= {"layer", "head", "selectivity", "top_group"}
+    assert ((sel["selectivity"] >= 0) & (sel["selectivity"] <= 1 + 1e-12)).all()
+
+
+def test_attractor_factors_are_nmi_and_purity_over_entity_tokens(data, split):
+    model = tiny_model(data, hopfield_patterns=4, hopfield_beta=20.0)
+    table = A.attractor_factors(model, split, data.vocab)
+    assert set(table["factor"]) == {"kind", "entity", "role"}
+    assert ((table["nmi"] >= 0) & (table["nmi"] <= 1 + 1e-12)).all()
+    assert ((table["purity"] > 0) & (table["purity"] <= 1)).all() and (table["n_attractors"] <= 4).all()
+    with pytest.raises(ValueError, match="no Hopfield memory"):
+        A.attractor_factors(tiny_model(data), split, data.vocab)
+
+
+def test_factor_scores_known_values():
+    one_to_one = A.factor_scores(np.array([0, 0, 1, 1]), np.array(["x", "x", "y", "y"]))
+    assert one_to_one == pytest.approx({"nmi": 1.0, "purity": 1.0})
+    lumped = A.factor_scores(np.array([0, 0, 0, 0]), np.array(["x", "x", "x", "y"]))
+    assert lumped == pytest.approx({"nmi": 0.0, "purity": 0.75})
+    split_ = A.factor_scores(np.array([0, 1, 2, 3]), np.array(["x", "x", "y", "y"]))
+    assert split_["purity"] == 1.0 and 0 < split_["nmi"] < 1  # pure but not one-to-one

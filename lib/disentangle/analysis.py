@@ -1032,6 +1032,137 @@ def attention_for_story(model: Encoder, split: Split, index: int, heads: Sequenc
     }
 
 
+# ------------------------------------------------------------------- routed heads and Hopfield attractors
+
+
+def token_kinds(split: Split, vocab: Vocab) -> np.ndarray:
+    """(N, T) the role of every token: ``person``, ``object``, ``animal`` or ``place`` (the procedural
+    lexicons), ``question`` (other question tokens), ``special`` (CLS, SEP), ``other`` (the rest of the story)
+    and ``pad``."""
+    words = np.array(vocab.to_list(), dtype=object)[split.tokens.numpy()]  # (N, T)
+    kinds = np.full(words.shape, "other", dtype=object)
+    for kind, lexicon in reversed(_entity_lexicons()):  # the first lexicon wins, as in queried_entity
+        kinds[np.isin(words, list(lexicon))] = kind
+    kinds[split.question_mask.numpy() & (kinds == "other")] = "question"
+    kinds[np.isin(words, [CLS, SEP])] = "special"
+    kinds[split.padding_mask.numpy()] = "pad"
+    return kinds
+
+
+@torch.no_grad()
+def routing_stats(
+    model: Encoder,
+    split: Split,
+    vocab: Vocab,
+    tasks: Sequence[str] | None = None,
+    layers: Iterable[int] | None = None,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """How routed heads are used: one row per (layer, head, group) where group is a task (``by="task"``), a
+    token role (``by="role"``, :func:`token_kinds`) or ``"all"``.
+
+    ``frequency``: fraction of the group's real tokens whose gate for the head is > 0 (routed to it, or a
+    shared head); ``mean_gate``: the mean gate over them; ``routing_entropy`` (same for every head of a layer
+    and group): the mean over tokens of the entropy of the normalised gates over heads, / log H (1 = every
+    head alike, 0 = one head). A plain layer has every gate 1: frequency 1, entropy 1.
+    """
+    layer_ids = _layers(model, layers)
+    names = task_names(split, tasks)
+    kinds = token_kinds(split, vocab)
+    device = _device(model)
+    H = model.cfg.n_heads
+    gates = {layer: [] for layer in layer_ids}
+    with _eval_mode(model):
+        for b in iter_batches(split, batch_size, device):
+            out = model(b["tokens"], b["padding_mask"], capture="gates", segments=b["segments"])
+            for layer in layer_ids:
+                gates[layer].append(out.gates[layer].float().cpu())  # (B, H, T)
+    real = ~split.padding_mask.numpy()
+    task_of_token = np.broadcast_to(np.array(names, dtype=object)[split.task_ids.numpy()][:, None], real.shape)
+    rows = []
+    for layer in layer_ids:
+        g = torch.cat(gates[layer]).permute(0, 2, 1).numpy()[real]  # (n_tokens, H)
+        share = g / np.clip(g.sum(1, keepdims=True), _EPS, None)
+        ent = -(share * np.log(np.clip(share, 1e-30, None))).sum(1) / math.log(H) if H > 1 else np.zeros(len(g))
+        for by, labels in (("task", task_of_token[real]), ("role", kinds[real])):
+            for group in ["all", *sorted(set(labels))] if by == "task" else sorted(set(labels)):
+                sel = np.ones(len(g), bool) if group == "all" else labels == group
+                if not sel.any():
+                    continue
+                for h in range(H):
+                    rows.append({"layer": layer, "head": h, "by": by, "group": group, "frequency": float((g[sel, h] > 0).mean()),
+                                 "mean_gate": float(g[sel, h].mean()), "routing_entropy": float(ent[sel].mean()),
+                                 "n_tokens": int(sel.sum())})
+    return pd.DataFrame(rows)
+
+
+def selectivity(stats: pd.DataFrame, by: str = "task") -> pd.DataFrame:
+    """Per (layer, head): how much a head's routing frequency depends on the group (from :func:`routing_stats`):
+    ``selectivity`` = 1 − normalised entropy of its frequencies across the groups (0 = used alike by every
+    task / role, 1 = by one only), and ``top_group``. Routing that specialises heads by task (or by role)
+    shows as high selectivity with ``by="task"`` (``"role"``)."""
+    df = stats[(stats["by"] == by) & (stats["group"] != "all")]
+    rows = []
+    for (layer, head), g in df.groupby(["layer", "head"]):
+        f = g["frequency"].to_numpy(dtype=float)
+        p = f / f.sum() if f.sum() > 0 else np.full(len(f), 1.0 / len(f))
+        ent = -(p * np.log(np.clip(p, 1e-30, None))).sum() / math.log(len(p)) if len(p) > 1 else 0.0
+        rows.append({"layer": layer, "head": head, "by": by, "selectivity": float(1 - ent),
+                     "top_group": g["group"].iloc[int(np.argmax(f))]})
+    return pd.DataFrame(rows)
+
+
+def attractor_factors(
+    model: Encoder,
+    split: Split,
+    vocab: Vocab,
+    layers: Iterable[int] | None = None,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """How cleanly Hopfield attractors separate the stories' ground-truth factors.
+
+    Over the entity tokens (person, object, animal, place: :func:`token_kinds`), per layer with memory and
+    factor: ``nmi`` (normalised mutual information between attractor id and the factor, arithmetic mean
+    normalisation, 0 = independent, 1 = one-to-one), ``purity`` (fraction of tokens whose attractor's most
+    common factor value is theirs), ``metastable`` (fraction of tokens with no dominant pattern; they count
+    as one more attractor) and ``n_attractors`` used. Factors: ``kind`` (entity type), ``entity`` (the word:
+    entity identity), ``role`` (the token is in the question, or in the story).
+    """
+    layer_ids = [layer for layer in _layers(model, layers) if model.blocks[layer].memory is not None]
+    if not layer_ids:
+        raise ValueError("the model has no Hopfield memory in these layers (ModelConfig.hopfield_patterns = 0)")
+    kinds = token_kinds(split, vocab)
+    words = np.array(vocab.to_list(), dtype=object)[split.tokens.numpy()]
+    entity = np.isin(kinds, [k for k, _ in _entity_lexicons()])
+    role = np.where(split.question_mask.numpy(), "question", "story")
+    device = _device(model)
+    found = {layer: [] for layer in layer_ids}
+    with _eval_mode(model):
+        for b in iter_batches(split, batch_size, device):
+            out = model(b["tokens"], b["padding_mask"], capture="attractors", segments=b["segments"])
+            for layer in layer_ids:
+                found[layer].append(out.attractors[layer].cpu())
+    rows = []
+    for layer in layer_ids:
+        a = torch.cat(found[layer]).numpy()[entity]
+        for factor, values in (("kind", kinds[entity]), ("entity", words[entity]), ("role", role[entity])):
+            rows.append({"layer": layer, "factor": factor, **factor_scores(a, values.astype(str)),
+                         "metastable": float((a == -1).mean()), "n_attractors": int(len(set(a.tolist()) - {-1})),
+                         "n_tokens": int(len(a))})
+    return pd.DataFrame(rows)
+
+
+def factor_scores(assigned: np.ndarray, values: np.ndarray) -> dict[str, float]:
+    """``nmi`` (scikit-learn's, arithmetic normalisation) and ``purity`` = Σ over clusters of the count of
+    their most common value / N, of a clustering ``assigned`` against ground-truth ``values``."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    if len(assigned) == 0:
+        return {"nmi": math.nan, "purity": math.nan}
+    table = pd.crosstab(assigned, values)
+    return {"nmi": float(normalized_mutual_info_score(values, assigned)), "purity": float(table.max(1).sum() / len(assigned))}
+
+
 # ------------------------------------------------------------------------- post-hoc mutual information
 
 
@@ -1154,6 +1285,11 @@ def estimate_head_mi(
 
 
 __all__ = [
+    "attractor_factors",
+    "factor_scores",
+    "routing_stats",
+    "selectivity",
+    "token_kinds",
     "SeparableCritic",
     "estimate_head_mi",
     "estimate_mi",
