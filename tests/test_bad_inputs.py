@@ -290,3 +290,11 @@ def test_a_diverged_run_is_excluded_from_means_and_counted(tmp_path):
     assert table.loc["all", "n"] == 1 and table.loc["all", "excluded"] == 1
     assert table.loc["all", "test"] == pytest.approx(runs.loc[0, "test_acc"])
     assert isinstance(runs, pd.DataFrame)
+
+
+def test_figures_of_diverged_runs_draw_instead_of_raising():
+    from disentangle.report import plots
+
+    runs = pd.DataFrame({"weight": [0.0, 1.0], "status": ["diverged", "diverged"], "test_acc": [math.nan, math.nan]})
+    plots.sweep_accuracy(runs, ["where_person"], "orthogonality")  # no test_acc/where_person column at all
+    plots.learning_curves(pd.DataFrame(), ["where_person"])  # diverged before the first evaluation: no history
