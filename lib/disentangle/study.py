@@ -278,6 +278,8 @@ def costs_vs_baseline(runs: pd.DataFrame, metrics: Sequence[str], paired: bool =
     from .stats import diff_ci
 
     rows = []
+    # A metric no run recorded (every run diverged) is NaN, not a KeyError; n counts the runs compared.
+    runs = runs.reindex(columns=[*runs.columns, *[m for m in metrics if m not in runs]])
     constraint = runs["sweep"].iloc[0] if "sweep" in runs else runs["constraint"].iloc[0]
     base = runs[runs["weight"] == 0].set_index("seed")
     for w in sorted(x for x in runs["weight"].unique() if x > 0):
@@ -318,6 +320,16 @@ def accuracy_table(runs: pd.DataFrame, tasks: Sequence[str], splits: Sequence[st
         row["excluded"] = len(runs) - len(finished)
         rows.append(row)
     return pd.DataFrame(rows).set_index("task")
+
+
+def measures_by_weight(runs: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
+    """Mean of each measure per constraint weight over the finished runs; NaN where none finished (a run that
+    diverged has no test measures, and its last training values are not comparable)."""
+    finished = runs[runs["status"] == "finished"] if "status" in runs else runs
+    table = pd.DataFrame({m: pd.to_numeric(finished[m], errors="coerce") if m in finished else np.nan
+                          for m in measures}, index=finished.index)
+    table["weight"] = finished["weight"]
+    return table.groupby("weight")[list(measures)].mean().reindex(sorted(runs["weight"].unique()))
 
 
 def arm_results(study: Study, retain: float = 0.5) -> list[tuple[str, float, int, object]]:
