@@ -146,6 +146,10 @@ def mi_side_by_side(estimates: pd.DataFrame) -> Figure:
 
     Columns: ``weight``, ``seed``, ``method`` ("infonce" or "club"), ``mi`` (nats); bands over seeds.
     """
+    if not len(estimates):  # no finished run to estimate on (all diverged)
+        fig, ax = plt.subplots(figsize=(3.8, 3.2))
+        ax.text(0.5, 0.5, "no finished runs\n(runs diverged)", ha="center", va="center", transform=ax.transAxes)
+        return fig
     methods = list(dict.fromkeys(estimates["method"]))
     weights = sorted(estimates["weight"].unique())
     fig, axes = plt.subplots(1, len(methods), figsize=(3.8 * len(methods), 3.2), squeeze=False)
