@@ -99,6 +99,7 @@ def project(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "PARAMS", params)
     monkeypatch.setattr(runner, "REPORTS", reports)
     monkeypatch.setenv("DISENTANGLE_CACHE", str(reports / "cache"))
+    monkeypatch.setenv("DISENTANGLE_REPORTS", str(reports))  # for the notebooks' kernels
     return params, reports
 
 
@@ -298,3 +299,29 @@ def test_figures_of_diverged_runs_draw_instead_of_raising():
     runs = pd.DataFrame({"weight": [0.0, 1.0], "status": ["diverged", "diverged"], "test_acc": [math.nan, math.nan]})
     plots.sweep_accuracy(runs, ["where_person"], "orthogonality")  # no test_acc/where_person column at all
     plots.learning_curves(pd.DataFrame(), ["where_person"])  # diverged before the first evaluation: no history
+
+
+DIVERGING_PROFILE = """
+title: diverging
+common:
+  seeds: [0, 1]
+  n_jobs: 1
+  model: {d_model: 16, n_heads: 2, n_layers: 2, local_layers: 1, d_ff: 32, max_len: 128}
+  data: {tasks: [where_person, coreference], n_train: 64, n_val: 16, n_test: 32, n_ood: 16, n_people: 3,
+         story_min: 2, story_max: 3, n_distractors: 0, ood_story_min: 5, ood_story_max: 7}
+  train: {steps: 20, batch_size: 16, lr: 1000, warmup_steps: 0, eval_every: 10}
+  sweep_weights: {orthogonality: [1.0], mutual_information: [1.0], attention_entropy: [1.0], head_usage: [1.0]}
+sections: {01_baseline: {compare_plain: false}}
+"""
+
+
+def test_sections_of_a_profile_whose_runs_all_diverge_execute_and_record_them(project, monkeypatch):
+    """The one end-to-end render of this module (about 30 s): lr 1000, every run diverges."""
+    params, reports = project
+    (params / "div.yaml").write_text(DIVERGING_PROFILE)
+    monkeypatch.setattr(runner, "render_html", lambda *a: None)
+    assert runner.main(["--profile", "div", "--only", "01_baseline", "02_orthogonality"]) == 0
+    baseline = json.loads((reports / "div" / "results" / "01_baseline.json").read_text())
+    assert baseline["statuses"] == {"diverged": 2}
+    rows = baseline["baseline"]
+    assert all(r["n"] == 0 and r["excluded"] == 2 for r in (rows if isinstance(rows, list) else rows.values()))

@@ -56,7 +56,8 @@ def learning_curves(history: pd.DataFrame, tasks: Sequence[str], hue: str = "con
         ax.set_title(title)
         ax.set_xlabel("step")
     np.atleast_1d(axes)[0].set_ylabel("validation accuracy")
-    np.atleast_1d(axes)[-1].legend(loc="lower right", fontsize=8)
+    if np.atleast_1d(axes)[-1].get_legend_handles_labels()[0]:
+        np.atleast_1d(axes)[-1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 
