@@ -12,6 +12,8 @@ Run frames get two extra columns: ``constraint`` (the active constraint, or "bas
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,36 @@ def constraint_of(cfg: RunConfig) -> tuple[str, float]:
     return name, weight
 
 
+
+def _seed_problems(seeds) -> list[str]:
+    """Problems with a ``seeds`` parameter: a non-empty list of distinct integers (duplicates would train one
+    run and count it twice, giving n=2 and a zero-width interval)."""
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        return [f"seeds={seeds!r} must be a list of integers, e.g. [0, 1, 2]"]
+    if not seeds:
+        return ["seeds is empty: give at least one seed"]
+    problems = [f"seeds[{i}]={s!r} must be an integer" for i, s in enumerate(seeds)
+                if isinstance(s, bool) or not isinstance(s, int)]
+    if not problems:
+        dups = sorted({s for s in seeds if list(seeds).count(s) > 1})
+        if dups:
+            problems.append(f"seeds={list(seeds)!r} has duplicates {dups}: each seed must appear once")
+    return problems
+
+
+def _weight_problems(name: str, weights) -> list[str]:
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        return [f"{name}={weights!r} must be a list of numbers >= 0"]
+    problems = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            problems.append(f"{name}[{i}]={w!r} must be a number >= 0")
+        elif not math.isfinite(w):
+            problems.append(f"{name}[{i}]={w!r} must be a finite number >= 0")
+        elif w < 0:
+            problems.append(f"{name}[{i}]={w!r} must be >= 0")
+    return problems
+
 @dataclass
 class Study:
     base: RunConfig  # every run is this config with one constraint and/or one size changed
@@ -75,11 +107,13 @@ class Study:
         except ConfigError as err:
             problems += err.problems
             base = None
-        if not seeds:
-            problems.append("seeds is empty: give at least one seed")
+        problems += _seed_problems(seeds)
+        if not isinstance(sweep_weights, Mapping):
+            problems.append(f"sweep_weights={sweep_weights!r} must be a mapping of constraint name to a list of weights")
+            sweep_weights = {}
         problems += [f"sweep_weights: {c!r} is not a constraint (allowed: {list(CONSTRAINTS)})" for c in sweep_weights if c not in CONSTRAINTS]
         for c, ws in sweep_weights.items():
-            problems += [f"sweep_weights.{c}: weight {w} must be >= 0" for w in ws if w < 0]
+            problems += _weight_problems(f"sweep_weights.{c}", ws)
         for c, v in (variants or {}).items():
             if c not in VARIANT_FIELDS:
                 problems.append(f"variants: {c!r} has no variants (allowed: {list(VARIANT_FIELDS)})")
@@ -88,6 +122,7 @@ class Study:
         if problems:
             raise ConfigError(problems)
         weights = {c: tuple(sorted({0.0, *map(float, ws)})) for c, ws in sweep_weights.items()}
+        seeds = list(seeds)
         return cls(base, tuple(seeds), weights, dict(variants or {}), n_jobs or None, Path(cache_dir) if cache_dir else None)
 
     # ------------------------------------------------------------------------------------ configs
@@ -243,6 +278,8 @@ def costs_vs_baseline(runs: pd.DataFrame, metrics: Sequence[str], paired: bool =
     from .stats import diff_ci
 
     rows = []
+    # A metric no run recorded (every run diverged) is NaN, not a KeyError; n counts the runs compared.
+    runs = runs.reindex(columns=[*runs.columns, *[m for m in metrics if m not in runs]])
     constraint = runs["sweep"].iloc[0] if "sweep" in runs else runs["constraint"].iloc[0]
     base = runs[runs["weight"] == 0].set_index("seed")
     for w in sorted(x for x in runs["weight"].unique() if x > 0):
@@ -264,20 +301,35 @@ def costs_vs_baseline(runs: pd.DataFrame, metrics: Sequence[str], paired: bool =
 def accuracy_table(runs: pd.DataFrame, tasks: Sequence[str], splits: Sequence[str] = ("test", "ood")) -> pd.DataFrame:
     """Per task (and "all"): mean accuracy over the runs' seeds with its 95% interval, per split, and chance.
 
-    Columns per split ``s``: ``s``, ``s_low``, ``s_high``; plus ``chance`` and ``n`` (finished runs).
+    Columns per split ``s``: ``s``, ``s_low``, ``s_high``; plus ``chance``, ``n`` (finished runs, the only
+    ones the means are over) and ``excluded`` (diverged or failed runs, left out). Every column is present
+    even when no run finished (then NaN: a split a diverged run never measured is not a missing column).
     """
     rows = []
+    finished = runs[runs["status"] == "finished"] if "status" in runs else runs
     for task in ["all", *tasks]:
         row: dict = {"task": task}
         for split in splits:
             col = f"{split}_acc" if task == "all" else f"{split}_acc/{task}"
-            if col in runs:
-                row[split], row[f"{split}_low"], row[f"{split}_high"] = mean_ci(runs[col])
+            values = finished[col] if col in finished else []
+            row[split], row[f"{split}_low"], row[f"{split}_high"] = mean_ci(values)
         chance_cols = [f"chance/{t}" for t in tasks] if task == "all" else [f"chance/{task}"]
-        row["chance"] = float(np.nanmean(runs[chance_cols].iloc[0].to_numpy(dtype=float))) if len(runs) else np.nan
-        row["n"] = int((runs["status"] == "finished").sum())
+        present = [c for c in chance_cols if c in runs]
+        row["chance"] = float(np.nanmean(runs[present].iloc[0].to_numpy(dtype=float))) if len(runs) and present else np.nan
+        row["n"] = len(finished)
+        row["excluded"] = len(runs) - len(finished)
         rows.append(row)
     return pd.DataFrame(rows).set_index("task")
+
+
+def measures_by_weight(runs: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
+    """Mean of each measure per constraint weight over the finished runs; NaN where none finished (a run that
+    diverged has no test measures, and its last training values are not comparable)."""
+    finished = runs[runs["status"] == "finished"] if "status" in runs else runs
+    table = pd.DataFrame({m: pd.to_numeric(finished[m], errors="coerce") if m in finished else np.nan
+                          for m in measures}, index=finished.index)
+    table["weight"] = finished["weight"]
+    return table.groupby("weight")[list(measures)].mean().reindex(sorted(runs["weight"].unique()))
 
 
 def arm_results(study: Study, retain: float = 0.5) -> list[tuple[str, float, int, object]]:

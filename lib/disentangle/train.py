@@ -247,8 +247,11 @@ def _tmp_path(path: Path) -> Path:
 
 
 def _atomic_save(obj, path: Path) -> None:
+    # Through a file object: torch.save(obj, <path>) records the file's (here the temporary, pid-named) stem
+    # as the archive's name inside the zip, so identical weights gave different bytes and model_sha256s.
     tmp = _tmp_path(path)
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
     os.replace(tmp, path)
 
 
@@ -276,11 +279,40 @@ def _load_finished(cfg: RunConfig, run_id: str, run_dir: Path) -> RunResult | No
         if result.get("model_sha256") and _sha256(run_dir / "model.pt") != result["model_sha256"]:
             return None
         # A run that diverged before its first evaluation has no history file.
-        history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").exists() else pd.DataFrame()
-    except (OSError, ValueError, KeyError):
+        history_path = run_dir / "history.csv"
+        if "history_sha256" in result:
+            if result["history_sha256"] is None:
+                if history_path.exists():
+                    return None
+            elif _sha256(history_path) != result["history_sha256"]:
+                return None
+        history = pd.read_csv(history_path) if history_path.exists() else pd.DataFrame()
+        if "history_sha256" not in result and not _history_matches(history, result["metrics"]):
+            # An entry written before history.csv had a checksum: verified against the final metrics instead
+            # (result.json holds the last evaluation's val_/train_ values); a cut file fails and is retrained.
+            return None
+    except (OSError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return None
     metrics = {k: (float("nan") if v is None else v) for k, v in result["metrics"].items()}
     return RunResult(cfg, run_id, run_dir, result["status"], metrics, history, result["wall_time"], cached=True, info=result.get("info", {}))
+
+
+def _history_matches(history: pd.DataFrame, metrics: dict) -> bool:
+    """Whether the last row of ``history`` holds the final val_/train_ metrics of ``result.json``."""
+    keys = [k for k in metrics if k.startswith(("val_", "train_"))]
+    if not keys:
+        return True
+    if not len(history) or any(k not in history.columns for k in keys):
+        return False
+    last = history.iloc[-1]
+    for k in keys:
+        want, got = metrics[k], last[k]
+        if want is None:
+            if not pd.isna(got):
+                return False
+        elif pd.isna(got) or not math.isclose(float(got), float(want), rel_tol=1e-9, abs_tol=1e-12):
+            return False
+    return True
 
 
 def lr_at(step: int, cfg) -> float:
@@ -509,7 +541,8 @@ class _Training:
         json_metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         _atomic_write_text(json.dumps({
             "status": self.status, "metrics": json_metrics, "wall_time": wall, "info": self.info,
-            "model_sha256": _sha256(run_dir / "model.pt"), "device": str(self.device),
+            "model_sha256": _sha256(run_dir / "model.pt"),
+            "history_sha256": _sha256(run_dir / "history.csv") if rows else None, "device": str(self.device),
             "torch": torch.__version__, "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
         }, indent=2), run_dir / "result.json")
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)

@@ -86,6 +86,14 @@ def _read(path: Path) -> tuple[list[_Question], set[str]]:
     sentences: list[tuple[str, ...]] = []
     sentence_of_line: dict[int, int] = {}  # line id -> position among the story's sentences
     story_no, last_id = -1, 0
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        raise BabiFormatError(path, data.count(b"\n", 0, err.start) + 1,
+                              f"byte 0x{data[err.start]:02x} at column {err.start - line_start + 1} is not UTF-8 "
+                              "(bAbI files are UTF-8 text)") from None
     with path.open(encoding="utf-8") as f:
         for line_no, raw in enumerate(f, 1):
             text = raw.rstrip("\r\n")

@@ -46,16 +46,25 @@ def learning_curves(history: pd.DataFrame, tasks: Sequence[str], hue: str = "con
     columns = ["val_acc", *[f"val_acc/{t}" for t in tasks]]
     titles = ["all tasks", *tasks]
     for ax, col, title in zip(np.atleast_1d(axes), columns, titles):
-        for arm, g in history.groupby(hue, sort=False):
+        groups = history.groupby(hue, sort=False) if hue in history and "step" in history else []
+        if not len(groups):  # every run diverged before its first evaluation: an empty panel that says so
+            ax.text(0.5, 0.5, "no evaluations\n(runs diverged)", ha="center", va="center", transform=ax.transAxes)
+        for arm, g in groups:
             steps = sorted(g["step"].unique())
-            by_step = {s: g.loc[g["step"] == s, col].to_numpy() for s in steps}
+            by_step = {s: _column(g, col)[g["step"] == s].to_numpy() for s in steps}
             _band(ax, steps, by_step, colour(str(arm)), label(str(arm)), marker="")
         ax.set_title(title)
         ax.set_xlabel("step")
     np.atleast_1d(axes)[0].set_ylabel("validation accuracy")
-    np.atleast_1d(axes)[-1].legend(loc="lower right", fontsize=8)
+    if np.atleast_1d(axes)[-1].get_legend_handles_labels()[0]:
+        np.atleast_1d(axes)[-1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _column(df: pd.DataFrame, col: str) -> pd.Series:
+    """``df[col]``, or NaN where no run recorded it (runs that diverged have no test metrics)."""
+    return pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, index=df.index)
 
 
 def _weight_axis(ax, weights: Sequence[float]) -> None:
@@ -69,7 +78,7 @@ def sweep_accuracy(runs: pd.DataFrame, tasks: Sequence[str], constraint: str, me
     fig, ax = plt.subplots(figsize=(6.2, 3.6))
     palette = sns.color_palette("colorblind", len(tasks) + 1)
     for i, (col, name) in enumerate([(metric, "all tasks")] + [(f"{metric}/{t}", t) for t in tasks]):
-        by_w = {k: runs.loc[runs["weight"] == w, col].to_numpy() for k, w in enumerate(weights)}
+        by_w = {k: _column(runs, col)[runs["weight"] == w].to_numpy() for k, w in enumerate(weights)}
         _band(ax, range(len(weights)), by_w, palette[i], name)
     _weight_axis(ax, weights)
     ax.set_ylabel("test accuracy")
@@ -84,7 +93,7 @@ def sweep_measures(runs: pd.DataFrame, measures: dict[str, str], constraint: str
     weights = sorted(runs["weight"].unique())
     fig, axes = plt.subplots(1, len(measures), figsize=(3.6 * len(measures), 3.2), squeeze=False)
     for ax, (col, title) in zip(axes[0], measures.items()):
-        by_w = {k: runs.loc[runs["weight"] == w, col].to_numpy() for k, w in enumerate(weights)}
+        by_w = {k: _column(runs, col)[runs["weight"] == w].to_numpy() for k, w in enumerate(weights)}
         _band(ax, range(len(weights)), by_w, colour(constraint), label(constraint))
         _weight_axis(ax, weights)
         ax.set_title(title, fontsize=10)
@@ -138,6 +147,10 @@ def mi_side_by_side(estimates: pd.DataFrame) -> Figure:
 
     Columns: ``weight``, ``seed``, ``method`` ("infonce" or "club"), ``mi`` (nats); bands over seeds.
     """
+    if not len(estimates):  # no finished run to estimate on (all diverged)
+        fig, ax = plt.subplots(figsize=(3.8, 3.2))
+        ax.text(0.5, 0.5, "no finished runs\n(runs diverged)", ha="center", va="center", transform=ax.transAxes)
+        return fig
     methods = list(dict.fromkeys(estimates["method"]))
     weights = sorted(estimates["weight"].unique())
     fig, axes = plt.subplots(1, len(methods), figsize=(3.8 * len(methods), 3.2), squeeze=False)

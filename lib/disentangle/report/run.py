@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import difflib
 import html
 import json
 import os
@@ -36,6 +37,7 @@ from typing import Any
 import yaml
 
 from ..paths import REPO
+from .parameters import check as check_parameters
 from .results import REPORTS, Recorder, read_results, resolve_path, results_dir  # noqa: F401 (re-exported)
 
 # Overridable so tests can run the pipeline in temporary folders.
@@ -82,11 +84,26 @@ def load_profile(name: str) -> dict[str, Any]:
     if not path.exists():
         available = sorted(p.stem for p in PARAMS.glob("*.yaml"))
         raise ProfileError(f"no profile {name!r}: {path} does not exist (available: {', '.join(available)})")
-    profile = yaml.safe_load(path.read_text()) or {}
+    try:
+        profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ProfileError(f"{where}: YAML syntax error: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ProfileError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    if not isinstance(profile, dict):
+        raise ProfileError(f"{path}: a profile is a mapping of {list(PROFILE_KEYS)}, got a {type(profile).__name__}")
     unknown = set(profile) - set(PROFILE_KEYS)
     if unknown:
         raise ProfileError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: {list(PROFILE_KEYS)})")
     return profile
+
+
+def _did_you_mean(key: str, allowed) -> str:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def declared_parameters(section: Section) -> dict[str, Any]:
@@ -112,13 +129,23 @@ def plan(profile_name: str, profile: dict[str, Any], sections: list[Section]) ->
     for name, params in per_section.items():
         for key in (params or {}):
             if name in declared and key not in declared[name]:
-                problems.append(f"{where}: sections.{name}.{key} is not a parameter of {name}.ipynb "
-                                f"(parameters: {', '.join(declared[name])})")
+                problems.append(f"{where}: sections.{name}.{key} is not a parameter of {name}.ipynb"
+                                f"{_did_you_mean(key, declared[name])} (parameters: {', '.join(declared[name])})")
     for key in common:
         if any(key in d for d in declared.values()):
             used.add(key)
         else:
-            problems.append(f"{where}: common.{key} is not a parameter of any notebook")
+            every_key = sorted({k for d in declared.values() for k in d})
+            problems.append(f"{where}: common.{key} is not a parameter of any notebook{_did_you_mean(key, every_key)}")
+    # Types, against the first notebook that declares each key (the shared keys are declared alike).
+    for key, value in common.items():
+        owner = next((d for d in declared.values() if key in d), None)
+        if owner is not None:
+            problems += check_parameters({key: value}, owner, prefix=f"{where}: common.")
+    for name, params in per_section.items():
+        if name in declared:
+            known = {k: v for k, v in (params or {}).items() if k in declared[name]}
+            problems += check_parameters(known, declared[name], prefix=f"{where}: sections.{name}.")
     if problems:
         raise ProfileError("\n".join(problems))
     out = {}
@@ -312,6 +339,37 @@ table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px soli
 # --------------------------------------------------------------------------------------------- main
 
 
+def _cache_dir() -> Path:
+    from ..train import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _explicit_dir_problem(path: str) -> str | None:
+    """Why a directory the user named explicitly cannot be used, or None."""
+    p = Path(resolve_path(path))
+    if not p.exists():
+        return f"{p} does not exist (give a directory of bAbI v1.2 files, e.g. .../tasks_1-20_v1-2/en)"
+    if not p.is_dir():
+        return f"{p} is a file, not a directory (give a directory of bAbI v1.2 files, e.g. .../tasks_1-20_v1-2/en)"
+    if not os.access(p, os.R_OK | os.X_OK):
+        return f"{p} is not readable"
+    return None
+
+
+def _unwritable(dirs: list[Path]) -> str | None:
+    """The first of ``dirs`` that cannot be created or written, with the reason; None if all can."""
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write-test.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            return f"cannot write to {d}: {err.strerror or err} (the report writes its pages, results and run cache there)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m disentangle.report", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="default", help="params/<PROFILE>.yaml (quick, default, full)")
@@ -334,12 +392,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.babi_dir is not None:
+        problem = _explicit_dir_problem(args.babi_dir)
+        if problem:  # the user's own path: an error, never a skipped section (only the profile's default skips)
+            print(f"error: --babi-dir {args.babi_dir}: {problem}", file=sys.stderr)
+            return 2
         for name, p in params.items():
             if "babi_dir" in declared_parameters(next(s for s in sections if s.name == name)):
                 p["babi_dir"] = resolve_path(args.babi_dir)
 
     out_dir = REPORTS / args.profile
-    out_dir.mkdir(parents=True, exist_ok=True)
+    problem = _unwritable([out_dir, out_dir / "results", _cache_dir()])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     # Kernels inherit the environment: no progress bars in executed notebooks (they would render as
     # stderr blocks in the HTML); they still show when a notebook is run by hand.
     os.environ["TQDM_DISABLE"] = "1"
@@ -351,9 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     nav = " ".join([f"<a href='index.html'>index</a>"] + [f"<a href='{s.name}.html'>{s.name}</a>" for s in sections])
     runs: list[SectionRun] = []
     t0 = time.perf_counter()
+    interrupted = None
     for s in sections:
         print(f"[{args.profile}] {s.name} ...", flush=True)
-        r = execute(s, params[s.name], out_dir)
+        try:
+            r = execute(s, params[s.name], out_dir)
+        except KeyboardInterrupt:
+            # The section's pages were deleted by execute: record it as interrupted (no page), so the
+            # index stays true; finished runs are in the cache and a re-run resumes the others.
+            interrupted = SectionRun(s, status="interrupted", parameters=params[s.name])
+            runs.append(interrupted)
+            break
         executed = out_dir / f"{s.name}.ipynb"
         if executed.exists():
             render_html(executed, out_dir / f"{s.name}.html", banner, nav)
@@ -373,8 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         now = next((r for r in runs if r.section.name == s.name), None)
         shown.append(now or _from_state(s, state.get(s.name)))
     index = write_index(out_dir, args.profile, profile, shown, environment(), total)
-    failed = [r for r in runs if r.status != "ok"]
     print(f"[{args.profile}] report: {index} ({total / 60:.1f} min)")
+    if interrupted is not None:
+        print(f"[{args.profile}] interrupted in {interrupted.section.name} (marked so in the index): finished runs "
+              "are cached; run the same command again to resume", file=sys.stderr, flush=True)
+        return 130
+    failed = [r for r in runs if r.status != "ok"]
     if failed:
         names = ", ".join(f"{r.section.name} ({_where(r.error or {})})" for r in failed)
         print(f"error: {len(failed)} notebook(s) failed: {names}", file=sys.stderr)
