@@ -4,7 +4,6 @@ allowed, and that no finished run is lost or altered. Tiny configs, no report re
 
 import json
 import math
-import textwrap
 
 import nbformat
 import pandas as pd

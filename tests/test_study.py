@@ -24,7 +24,7 @@ def test_every_bad_parameter_is_reported_at_once():
                               variants={"orthogonality": "cosine", "head_usage": "x"})
     text = str(err.value)
     for problem in ("d_model=50 is not divisible by n_heads=4", "seeds is empty", "'sparsity' is not a constraint",
-                    "sweep_weights.head_usage[0]=-1.0 must be >= 0", "variants.orthogonality='cosine'", "'head_usage' has no variants"):
+                    "sweep_weights.head_usage[0]=-1.0 must be >= 0", "variants.orthogonality='cosine'", "variants.head_usage='x' is not one of ['contributions', 'published']"):
         assert problem in text, problem
 
 
