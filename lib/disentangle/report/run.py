@@ -239,12 +239,9 @@ FINDINGS_SECTIONS = ("08_findings", "09_babi")
 
 
 def _fmt_effect(r: dict) -> str:
-    effect, low, high = r.get("effect"), r.get("ci_low"), r.get("ci_high")
-    if effect is None or effect != effect:  # None or NaN: not measured
-        return "n/a"
-    if low is None or high is None or low != low or high != high:
-        return f"{effect:+.3f}"
-    return f"{effect:+.3f} [{low:+.3f}, {high:+.3f}]"
+    from ..verdicts.findings import effect_text  # the findings notebook's tables use the same format
+
+    return effect_text(r.get("effect"), r.get("ci_low"), r.get("ci_high"))
 
 
 def _findings_blocks(profile_name: str, runs: list[SectionRun]) -> list[dict]:
