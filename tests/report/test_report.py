@@ -64,6 +64,16 @@ def test_the_index_opens_on_the_summary_figure(quick):
 
 
 @pytest.mark.slow
+def test_tables_show_numbers_as_written_not_padded(quick):
+    # pandas' default float format pads to six decimals (weights as 0.000000, 3.000000); the pages use
+    # {:g} for weights and three decimals for measures.
+    padded = re.compile(r"<t[dh][^>]*>\s*-?\d+\.\d{5,}\s*</t[dh]>")
+    for name in ["index", *NOTEBOOKS]:
+        found = padded.findall((quick / f"{name}.html").read_text())
+        assert not found, (name, found[:3])
+
+
+@pytest.mark.slow
 def test_no_error_outputs_anywhere(quick):
     for name in NOTEBOOKS:
         nb = nbformat.read(quick / f"{name}.ipynb", as_version=4)
