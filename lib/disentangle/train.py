@@ -120,6 +120,32 @@ def progress_bar(**kwargs):
     return tqdm(**kwargs)
 
 
+class GridProgress:
+    """Appends a grid's progress to the file named by ``DISENTANGLE_PROGRESS``, when set (by the report runner).
+
+    Notebooks run in papermill kernels, separate processes whose stderr is captured into the executed
+    notebook, so a bar drawn here would never reach the runner's console. A file the runner polls is the
+    narrowest channel: no sockets, nothing in the rendered pages, and nothing at all when the variable is
+    unset (a notebook run by hand shows its tqdm bar instead). One JSON line per update, appended with a
+    single write: ``{"grid": id, "desc", "total", "cached", "done"}``; ``done`` counts cached runs too.
+    """
+
+    def __init__(self, desc: str, total: int, cached: int):
+        self.path = os.environ.get("DISENTANGLE_PROGRESS")
+        self.record = {"grid": f"{os.getpid()}-{time.time_ns()}", "desc": desc, "total": total, "cached": cached,
+                       "done": cached}
+        self._write()
+
+    def update(self) -> None:
+        self.record["done"] += 1
+        self._write()
+
+    def _write(self) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(self.record) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -678,6 +704,7 @@ def run_grid(
             load_data(data_cfg, cache)
 
     bar = progress_bar(total=len(unique), initial=len(results), desc=desc, disable=not progress)
+    grid_progress = GridProgress(desc, len(unique), len(results))
     errors: dict[str, str] = {}
     if n_jobs == 1 and remote is None:
         for cfg in todo:
@@ -685,6 +712,7 @@ def run_grid(
             if err:
                 errors[run_id] = err
             bar.update(1)
+            grid_progress.update()
     else:
         # Spawned workers: forking a process whose torch thread pools are initialised can deadlock.
         pool = remote or _worker_pool(n_jobs)
@@ -695,6 +723,7 @@ def run_grid(
                 if err:
                     errors[run_id] = err
                 bar.update(1)
+                grid_progress.update()
         except KeyboardInterrupt:
             # Workers ignore SIGINT (see _ignore_sigint): stop them here, so an interrupted notebook does not
             # go on training in the background. Finished runs are cached; running ones resume from checkpoints.

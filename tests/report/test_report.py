@@ -4,10 +4,7 @@ cache are never touched."""
 
 import ast
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,19 +18,7 @@ from conftest import REPO
 NOTEBOOKS = sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_report(profile: str, reports: Path, extra_env: dict | None = None, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DISENTANGLE_REPORTS": str(reports), "DISENTANGLE_CACHE": str(reports / "cache"),
-           **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "disentangle.report", "--profile", profile, *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    reports = tmp_path_factory.mktemp("reports")
-    proc = run_report("quick", reports)
-    assert proc.returncode == 0, f"quick report failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return reports / "quick"
+from conftest import run_report  # the session's quick report (fixture ``quick``) is in conftest.py too
 
 
 def results(folder: Path, section: str) -> dict:
@@ -50,6 +35,39 @@ def test_every_section_renders_and_the_index_links_it(quick):
         assert (quick / f"{name}.html").exists(), name
         assert f"href='{name}.html'" in index, name
     assert "FAILED" not in index
+
+
+@pytest.mark.slow
+def test_the_console_shows_one_line_per_section(quick):
+    # Not a terminal (captured): no live progress, one line per section with its runs counted.
+    lines = (quick.parent / "quick.stdout").read_text().splitlines()
+    for name in NOTEBOOKS:
+        mine = [line for line in lines if line.startswith(f"[quick] {name} ")]
+        assert len(mine) == 1 and " ok (" in mine[0], (name, mine)
+    baseline = next(line for line in lines if line.startswith("[quick] 01_baseline "))
+    assert re.search(r"(\d+)/\1 runs, \d+ cached\)$", baseline), baseline
+
+
+@pytest.mark.slow
+def test_the_index_opens_on_the_summary_figure(quick):
+    index = (quick / "index.html").read_text()
+    figure = re.search(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', index)
+    assert figure and index.index(figure.group(0)) < index.index("<h2>Findings</h2>")
+    assert "baseline: accuracy" in figure.group(1) and "verdict counts" in figure.group(1)
+    arms = results(quick, "07_interpretability")["arm_summary"]
+    assert {a["constraint"] for a in arms} == {"baseline", *yaml.safe_load(
+        (REPO / "params" / "quick.yaml").read_text())["common"]["sweep_weights"]}
+    assert all(a["n"] >= 1 for a in arms)
+
+
+@pytest.mark.slow
+def test_tables_show_numbers_as_written_not_padded(quick):
+    # pandas' default float format pads to six decimals (weights as 0.000000, 3.000000); the pages use
+    # {:g} for weights and three decimals for measures.
+    padded = re.compile(r"<t[dh][^>]*>\s*-?\d+\.\d{5,}\s*</t[dh]>")
+    for name in ["index", *NOTEBOOKS]:
+        found = padded.findall((quick / f"{name}.html").read_text())
+        assert not found, (name, found[:3])
 
 
 @pytest.mark.slow
@@ -112,7 +130,7 @@ def test_recorded_numbers(quick):
 def test_a_second_run_reuses_the_cache(quick, tmp_path):
     # Same cache, one section again: every run loads, nothing trains (wall time of the section is small).
     reports = quick.parent
-    proc = run_report("quick", reports, None, "--only", "02_orthogonality")
+    proc = run_report("quick", reports, {"DISENTANGLE_SCREENSHOTS": "0"}, "--only", "02_orthogonality")
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = json.loads((quick / "sections.json").read_text())
     assert state["02_orthogonality"]["status"] == "ok"

@@ -90,3 +90,15 @@ def test_table_has_the_columns_the_index_reads():
     t = findings.table([findings.untestable("g", "c", "why")])
     assert list(t.columns) == ["group", "claim", "verdict", "effect", "ci_low", "ci_high", "measure", "detail"]
     assert math.isnan(t.loc[0, "effect"])
+
+
+def test_effects_are_shown_signed_with_their_interval():
+    from disentangle.verdicts.findings import effect_text, shown
+
+    assert effect_text(0.0684, -0.5996, 0.7346) == "+0.068 [-0.600, +0.735]"
+    assert effect_text(-0.09, float("nan"), 1.0) == "-0.090"  # one seed: no interval
+    assert effect_text(None, None, None) == "n/a" == effect_text(float("nan"), 0.0, 1.0)
+    row = {"group": "g", "claim": "c", "verdict": "inconclusive", "effect": 0.5, "ci_low": 0.25, "ci_high": 0.75,
+           "measure": "m", "detail": ""}
+    assert shown([row]).to_dict("records") == [{"group": "g", "claim": "c", "verdict": "inconclusive",
+                                                "effect": "+0.500 [+0.250, +0.750]", "measure": "m", "detail": ""}]

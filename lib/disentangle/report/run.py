@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import difflib
-import html
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ import yaml
 
 from ..paths import REPO
 from .parameters import check as check_parameters
+from .progress import SectionProgress
 from .results import REPORTS, Recorder, read_results, resolve_path, results_dir  # noqa: F401 (re-exported)
 
 # Overridable so tests can run the pipeline in temporary folders.
@@ -266,74 +266,93 @@ FINDINGS_SECTIONS = ("08_findings", "09_babi")
 
 
 def _fmt_effect(r: dict) -> str:
-    effect, low, high = r.get("effect"), r.get("ci_low"), r.get("ci_high")
-    if effect is None or effect != effect:  # None or NaN: not measured
-        return "n/a"
-    if low is None or high is None or low != low or high != high:
-        return f"{effect:+.3f}"
-    return f"{effect:+.3f} [{low:+.3f}, {high:+.3f}]"
+    from ..verdicts.findings import effect_text  # the findings notebook's tables use the same format
+
+    return effect_text(r.get("effect"), r.get("ci_low"), r.get("ci_high"))
 
 
-def _findings_table(profile_name: str, runs: list[SectionRun]) -> str:
+def _findings_blocks(profile_name: str, runs: list[SectionRun]) -> list[dict]:
+    """The findings tables' contents, one block per section of FINDINGS_SECTIONS that recorded rows."""
     status = {r.section.name: r.status for r in runs}
-    parts = []
+    blocks = []
     for section in FINDINGS_SECTIONS:
         if status.get(section) == "failed":
-            parts.append(f"<p><b>{section}: findings unavailable</b>, the notebook failed (see below).</p>")
+            blocks.append({"section": section, "failed": True})
             continue
         rows = read_results(profile_name, section).get("findings") or []
         if not rows:
             continue
-        head = "<tr><th>claim</th><th>verdict</th><th>effect [95% interval]</th><th>measured as</th></tr>"
-        body = []
-        for r in rows:
-            colour = _VERDICT_COLOURS.get(r.get("verdict"), "#eee")
-            detail = f"<br><small>{html.escape(str(r['detail']))}</small>" if r.get("detail") else ""
-            body.append(f"<tr><td>{html.escape(str(r.get('claim')))}</td>"
-                        f"<td style='background:{colour}'>{html.escape(str(r.get('verdict')))}</td>"
-                        f"<td>{_fmt_effect(r)}</td><td>{html.escape(str(r.get('measure', '')))}{detail}</td></tr>")
-        parts.append(f"<h3>from {section}</h3><table>{head}{''.join(body)}</table>")
-    if not parts:
-        return "<p>No findings recorded yet (the findings notebook has not run under this profile).</p>"
-    return "".join(parts)
+        blocks.append({"section": section, "failed": False, "rows": [
+            {"claim": str(r.get("claim")), "verdict": str(r.get("verdict")), "effect": _fmt_effect(r),
+             "colour": _VERDICT_COLOURS.get(r.get("verdict"), "#eee"), "measure": str(r.get("measure", "")),
+             "detail": str(r["detail"]) if r.get("detail") else ""} for r in rows]})
+    return blocks
+
+
+# The section whose recorded ``arm_summary`` (summary.arm_table) the index draws at its top.
+SUMMARY_SECTION = "07_interpretability"
+
+
+def _summary(profile_name: str, blocks: list[dict]) -> dict | None:
+    """The index's summary figure as an embedded PNG with its alt text; None before 07 has recorded it."""
+    import base64
+    import io
+
+    from . import summary
+
+    table = read_results(profile_name, SUMMARY_SECTION).get("arm_summary") or []
+    if not table:
+        return None
+    counts = summary.verdict_counts([r for b in blocks if not b["failed"] for r in b["rows"]])
+    fig = summary.figure(table, counts)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return {"png": base64.b64encode(buf.getvalue()).decode("ascii"), "alt": summary.alt_text(table, counts),
+            "caption": f"Test accuracy against attention correctness for every arm (recorded by {SUMMARY_SECTION}), "
+                       "and how many findings below have each verdict."}
 
 
 def write_index(out_dir: Path, profile_name: str, profile: dict, runs: list[SectionRun], env: dict, total: float) -> Path:
-    title = html.escape(profile.get("title") or "Disentangled heads")
-    banner = profile.get("banner")
-    rows = []
+    """Render templates/index.html.j2 (autoescaped: every value is text, none is markup)."""
+    import jinja2
+
+    templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                                   undefined=jinja2.StrictUndefined)
+    sections = []
     for r in runs:
-        if r.status in ("ok", "not run"):
-            status = r.status
-        else:
-            e = r.error or {}
-            where = _where(e)
-            status = f"<b style='color:#b00'>FAILED</b> at {where}: {html.escape(str(e.get('ename')))}: {html.escape(str(e.get('evalue'))[:300])}"
-        link = f"<a href='{r.html}'>{html.escape(r.section.title)}</a>" if r.html else html.escape(r.section.title)
-        rows.append(f"<tr><td>{r.section.name}</td><td>{link}</td><td>{status}</td><td>{r.seconds:.0f} s</td></tr>")
-    env_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in env.items())
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
-.banner {{ padding: 10px 14px; background: #fff3cd; border: 1px solid #e0c36a; border-radius: 4px; }}
-</style></head><body>
-<h1>{title}</h1>
-{f'<div class="banner">{html.escape(banner)}</div>' if banner else ''}
-<p>{html.escape(profile.get('description') or '')}</p>
-<h2>Findings</h2>
-<p>Each verdict is computed from the runs by the findings notebook (means and 95% intervals over seeds).</p>
-{_findings_table(profile_name, runs)}
-<h2>Sections</h2>
-<table><tr><th></th><th>section</th><th>status</th><th>time</th></tr>{''.join(rows)}</table>
-<h2>Run</h2>
-<table><tr><td>profile</td><td>{html.escape(profile_name)}</td></tr>
-<tr><td>wall time</td><td>{total / 60:.1f} min</td></tr>{env_rows}</table>
-</body></html>"""
+        e = r.error or {}
+        sections.append({"name": r.section.name, "title": r.section.title, "html": r.html, "status": r.status,
+                         "failed": r.status not in ("ok", "not run"), "where": _where(e),
+                         "ename": str(e.get("ename")), "evalue": str(e.get("evalue"))[:300],
+                         "seconds": f"{r.seconds:.0f} s"})
+    blocks = _findings_blocks(profile_name, runs)
+    page = templates.get_template("index.html.j2").render(
+        title=profile.get("title") or "Disentangled heads", banner=profile.get("banner"),
+        description=profile.get("description") or "", findings=blocks, summary=_summary(profile_name, blocks),
+        sections=sections, profile=profile_name, wall_time=f"{total / 60:.1f} min",
+        env={k: str(v) for k, v in env.items()})
     path = out_dir / "index.html"
     path.write_text(page)
     return path
+
+
+def screenshots(out_dir: Path) -> None:
+    """Full-page PNGs of the index and every page under ``<out_dir>/screenshots/`` (linked from nowhere), so
+    a person can see what a browser shows; skipped, with a note, where Chromium or Playwright is missing.
+    ``DISENTANGLE_SCREENSHOTS=0`` skips them (the test suite takes its own, in its temporary folder)."""
+    from . import browser
+
+    if os.environ.get("DISENTANGLE_SCREENSHOTS") == "0":
+        return
+    missing = browser.unavailable()
+    if missing:
+        print(f"screenshots skipped: {missing}", file=sys.stderr)
+        return
+    pages = browser.check_pages(out_dir, out_dir / "screenshots")
+    problems = [f"{p.name}: {x}" for p in pages for x in p.problems]
+    print(f"screenshots: {out_dir / 'screenshots'} ({len(pages)} pages)", flush=True)
+    for problem in problems:
+        print(f"warning: in the browser, {problem}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -418,9 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     interrupted = None
     for s in sections:
-        print(f"[{args.profile}] {s.name} ...", flush=True)
         try:
-            r = execute(s, params[s.name], out_dir)
+            # One console line per section; while it runs, a live line of runs done / total on a terminal.
+            with SectionProgress(f"[{args.profile}] {s.name}") as progress:
+                r = execute(s, params[s.name], out_dir)
         except KeyboardInterrupt:
             # The section's pages were deleted by execute: record it as interrupted (no page), so the
             # index stays true; finished runs are in the cache and a re-run resumes the others.
@@ -432,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             render_html(executed, out_dir / f"{s.name}.html", banner, nav)
             r.html = f"{s.name}.html"
         if r.status == "ok":
-            print(f"[{args.profile}] {s.name} ok ({r.seconds:.0f} s)", flush=True)
+            print(f"[{args.profile}] {s.name} ok ({r.seconds:.0f} s, {progress.summary()})", flush=True)
         else:
             e = r.error or {}
             print(f"[{args.profile}] {s.name} FAILED at {_where(e)}: {e.get('ename')}: {e.get('evalue')}",
@@ -446,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         now = next((r for r in runs if r.section.name == s.name), None)
         shown.append(now or _from_state(s, state.get(s.name)))
     index = write_index(out_dir, args.profile, profile, shown, environment(), total)
+    screenshots(out_dir)
     print(f"[{args.profile}] report: {index} ({total / 60:.1f} min)")
     if interrupted is not None:
         print(f"[{args.profile}] interrupted in {interrupted.section.name} (marked so in the index): finished runs "

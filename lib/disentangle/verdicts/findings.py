@@ -185,3 +185,24 @@ def where_it_hurts(sweeps: pd.DataFrame, chosen: pd.DataFrame, tasks: Sequence[s
 
 def table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["group", "claim", "verdict", "effect", "ci_low", "ci_high", "measure", "detail"])
+
+
+def effect_text(effect: float | None, low: float | None, high: float | None) -> str:
+    """``+0.068 [-0.600, +0.735]``: signed (effects are changes), three decimals, the interval omitted when
+    undefined, ``n/a`` when not measured. The one format of effects in the findings tables, here and on the
+    index page."""
+    def finite(v) -> bool:
+        return v is not None and math.isfinite(v)
+
+    if not finite(effect):
+        return "n/a"
+    if not (finite(low) and finite(high)):
+        return f"{effect:+.3f}"
+    return f"{effect:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def shown(rows: list[dict]) -> pd.DataFrame:
+    """:func:`table` as the report shows it: the effect and its interval as one text column."""
+    t = table(rows)
+    t["effect"] = [effect_text(r.effect, r.ci_low, r.ci_high) for r in t.itertuples()]
+    return t[["group", "claim", "verdict", "effect", "measure", "detail"]]
