@@ -1160,7 +1160,7 @@ def factor_scores(assigned: np.ndarray, values: np.ndarray) -> dict[str, float]:
     if len(assigned) == 0:
         return {"nmi": math.nan, "purity": math.nan}
     table = pd.crosstab(assigned, values)
-    return {"nmi": float(normalized_mutual_info_score(values, assigned)), "purity": float(table.max(1).sum() / len(assigned))}
+    return {"nmi": float(normalized_mutual_info_score(values, assigned)), "purity": float(table.max(axis=1).sum() / len(assigned))}
 
 
 # ------------------------------------------------------------------------- post-hoc mutual information
