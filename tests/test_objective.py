@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_constraints import SMALL, model_batch, padding, reached  # noqa: F401 (model_batch is a fixture)
+from test_constraints import SMALL, _one_thread, model_batch, padding, reached  # noqa: F401 (fixtures; _one_thread autouse)
 from torch import Tensor
 
 from disentangle.config import ConstraintConfig
@@ -21,15 +21,6 @@ from disentangle.constraints import (
 )
 from disentangle.model import Encoder, EncoderOutput, ModelConfig
 from disentangle.objective import Constraints
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def club_of(constraints: Constraints) -> CLUB:

@@ -169,13 +169,14 @@ class Config:
         """:meth:`to_dict` without the fields added after runs were first cached that still hold their
         default (``field(metadata={"added": True})``): such a field at its default computes what the code
         did before it existed, so it must not change the hash of any existing run."""
+        plain = self.to_dict()
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Config):
                 out[f.name] = v.hash_dict()
             elif not (f.metadata.get("added") and v == f.default):
-                out[f.name] = self.to_dict()[f.name]
+                out[f.name] = plain[f.name]
         return out
 
     def replace(self, **changes: Any) -> Self:
