@@ -67,13 +67,13 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
 def test_cpu_runs_flush_denormals_inside_and_restore_the_process_state(tmp_path, monkeypatch):
     tiny_float = 1e-40  # a float32 denormal: flushed to 0 under flush-to-zero
     seen = []
-    real_fit = train_mod._fit
+    real_loop = train_mod._loop
 
     def spy(*args, **kwargs):
         seen.append(((torch.tensor([tiny_float]) * 1.0).item(), torch.get_num_threads()))
-        return real_fit(*args, **kwargs)
+        return real_loop(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "_fit", spy)
+    monkeypatch.setattr(train_mod, "_loop", spy)
     threads = torch.get_num_threads()
     run(tiny(), cache_dir=tmp_path, threads=1)
     assert seen == [(0.0, 1)]

@@ -100,10 +100,13 @@ def check_workers(c, cache: Path) -> list[dict]:
 
 def executor(address: str, cache: Path) -> Executor:
     """A ``concurrent.futures`` executor on the cluster at ``address`` (Dask's own, with task retries),
-    after :func:`check_workers`."""
+    after :func:`check_workers`. Its ``n_workers`` (the workers seen now) sizes the grid's stacks, as the
+    worker processes do on one machine."""
     c = client(address)
-    check_workers(c, cache)
-    return c.get_executor(retries=RETRIES, pure=False)
+    workers = check_workers(c, cache)
+    ex = c.get_executor(retries=RETRIES, pure=False)
+    ex.n_workers = len(workers)
+    return ex
 
 
 __all__ = ["ENV", "ClusterError", "check_workers", "client", "executor", "scheduler_address"]

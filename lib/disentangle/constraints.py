@@ -43,9 +43,11 @@ gives post-hoc InfoNCE and CLUB estimates with freshly trained critics.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -206,9 +208,24 @@ def _token_level(per_layer: list[Tensor], padding_mask: Tensor, **extra: Tensor)
     return ConstraintResult(_token_mean(per_token, padding_mask), per_token, _floats(**layer_means, **extra))
 
 
+# Off inside the stacked engine: there the losses run under torch.func.vmap, where a tensor cannot become a
+# Python float, and the diagnostics (logging only) would be one device sync per step besides.
+_DIAGNOSTICS = contextvars.ContextVar("constraint_diagnostics", default=True)
+
+
+@contextlib.contextmanager
+def no_diagnostics() -> Iterator[None]:
+    """Within the block, every constraint returns empty ``diagnostics`` (its loss is unchanged)."""
+    token = _DIAGNOSTICS.set(False)
+    try:
+        yield
+    finally:
+        _DIAGNOSTICS.reset(token)
+
+
 def _floats(**values: Tensor) -> dict[str, float]:
-    """Tensors -> Python floats with a single device sync."""
-    if not values:
+    """Tensors -> Python floats with a single device sync ({} under :func:`no_diagnostics`)."""
+    if not values or not _DIAGNOSTICS.get():
         return {}
     return dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()))
 
@@ -225,18 +242,31 @@ class _RowEntropy(torch.autograd.Function):
     padded keys. Written by hand because autograd would save and traverse clamp, log, mask and product
     separately over the largest tensor of the step; this needs log A only. log is taken of A clamped to
     the smallest float, so p = 0 (every padded key) gives 0 · log 0 = 0 and a finite gradient.
+
+    In ``setup_context`` form with ``generate_vmap_rule``, so it runs per run inside the stacked engine's
+    ``vmap``: what backward needs (log A) is a second, non-differentiable output. Call :func:`_row_entropy`.
     """
 
-    @staticmethod
-    def forward(ctx, A: Tensor, pad_keys: Tensor) -> Tensor:
-        log_a = A.clamp_min(_TINY).log_().masked_fill_(pad_keys, 0.0)
-        ctx.save_for_backward(log_a, pad_keys)
-        return -torch.linalg.vecdot(A, log_a)  # finite values on padded keys meet log_a = 0
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def forward(A: Tensor, pad_keys: Tensor) -> tuple[Tensor, Tensor]:
+        log_a = A.clamp_min(_TINY).log().masked_fill(pad_keys, 0.0)
+        return -torch.linalg.vecdot(A, log_a), log_a  # finite values on padded keys meet log_a = 0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1], inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_log_a: Tensor | None) -> tuple[Tensor, None]:
         log_a, pad_keys = ctx.saved_tensors
-        return (log_a + 1.0).mul_(-grad.unsqueeze(-1)).masked_fill_(pad_keys, 0.0), None
+        return (log_a + 1.0).mul(-grad.unsqueeze(-1)).masked_fill(pad_keys, 0.0), None
+
+
+def _row_entropy(A: Tensor, pad_keys: Tensor) -> Tensor:
+    return _RowEntropy.apply(A, pad_keys)[0]
 
 
 class _PairCosineSum(torch.autograd.Function):
@@ -246,26 +276,39 @@ class _PairCosineSum(torch.autograd.Function):
     Σ_{i<j} â_i·â_j = (‖s‖² − Σ_h ‖â_h‖²) / 2, and ‖â_h‖² is 1 (0 for an all-zero row): O(H) work per
     query instead of O(H²) pairs. Backward: ∂c/∂a_h = (s − (s·â_h) â_h) / ‖a_h‖ (the −â_h of
     ∂c/∂â_h is orthogonal to the sphere and drops out), 0 on padded keys and all-zero rows.
+
+    vmap-able like :class:`_RowEntropy` (the saved â, s and 1/‖a‖ are non-differentiable outputs). Call
+    :func:`_pair_cosine_sum`.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, A: Tensor, pad_keys: Tensor) -> Tensor:
+    def forward(A: Tensor, pad_keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         unit = A.masked_fill(pad_keys, 0.0)
         norm = torch.linalg.vector_norm(unit, dim=-1)  # (B, H, T)
         inv = torch.where(norm > 0, 1.0 / norm.clamp_min(_TINY), 0.0)
-        unit.mul_(inv.unsqueeze(-1))
+        unit = unit * inv.unsqueeze(-1)
         s = unit.sum(1)  # (B, T, T)
-        ctx.save_for_backward(unit, s, inv)
-        return (torch.linalg.vecdot(s, s) - (norm > 0).sum(1)) / 2
+        return (torch.linalg.vecdot(s, s) - (norm > 0).sum(1)) / 2, unit, s, inv
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_unused: Tensor | None) -> tuple[Tensor, None]:
         unit, s, inv = ctx.saved_tensors
         s = s.unsqueeze(1)
         along = torch.linalg.vecdot(s, unit).unsqueeze(-1)  # s·â_h, (B, H, T, 1)
         scale = (grad.unsqueeze(1) * inv).unsqueeze(-1)  # upstream / ‖a_h‖
         # Padded keys need no mask here: s and â_h are both 0 there.
         return torch.addcmul(s, along, unit, value=-1.0).mul_(scale), None
+
+
+def _pair_cosine_sum(A: Tensor, pad_keys: Tensor) -> Tensor:
+    return _PairCosineSum.apply(A, pad_keys)[0]
 
 
 # ----------------------------------------------------------------------------------------- orthogonality
@@ -371,7 +414,7 @@ def orthogonality_attention(attn: list[Tensor], padding_mask: Tensor) -> Constra
     n_pairs = attn[0].shape[1] * (attn[0].shape[1] - 1) // 2
     pad_keys = padding_mask[:, None, None, :]
     per_layer = [
-        torch.where(padding_mask, 0.0, _PairCosineSum.apply(_upcast(A), pad_keys) / max(n_pairs, 1))
+        torch.where(padding_mask, 0.0, _pair_cosine_sum(_upcast(A), pad_keys) / max(n_pairs, 1))
         for A in attn
     ]
     return _token_level(per_layer, padding_mask)
@@ -639,7 +682,7 @@ def normalised_row_entropy(attn: Tensor, padding_mask: Tensor) -> Tensor:
     """
     n_real = (~padding_mask).sum(1)  # (B,)
     inv_log_n = torch.where(n_real > 1, 1.0 / n_real.float().clamp_min(2.0).log(), 0.0)  # 1 / log n_b, or 0
-    return _RowEntropy.apply(_upcast(attn), padding_mask[:, None, None, :]) * inv_log_n[:, None, None]
+    return _row_entropy(_upcast(attn), padding_mask[:, None, None, :]) * inv_log_n[:, None, None]
 
 
 @_full_precision
@@ -756,7 +799,7 @@ def published_attention_entropy(attn: list[Tensor], padding_mask: Tensor) -> Con
     n_real = real.sum(1).clamp_min(1.0)  # (B,)
     losses = []
     for A in attn:
-        ent = _RowEntropy.apply(_upcast(A), padding_mask[:, None, None, :])  # (B, H, T) nats
+        ent = _row_entropy(_upcast(A), padding_mask[:, None, None, :])  # (B, H, T) nats
         per_sample = (ent * real[:, None, :]).sum(-1) / n_real[:, None]  # (B, H): mean over real queries
         losses.append(per_sample.mean())
     return ConstraintResult(torch.stack(losses).mean(), None, {})

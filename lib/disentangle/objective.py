@@ -51,18 +51,24 @@ class Constraints:
     def _inputs(self, name: str, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> arms_mod.LossInputs:
         return arms_mod.LossInputs(out, padding_mask, model, self.layers, self.cfg, self.states.get(name))
 
+    def raw(self, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> dict[str, Tensor]:
+        """Each active constraint's raw (unweighted) loss keyed by its arm's name, in registry order, then the
+        architecture's own losses (``out.aux``, e.g. the routed heads' load balance): 0-dim tensors."""
+        raw = {name: arm.loss(self._inputs(name, out, padding_mask, model)) for name, arm in self.arms.items()}
+        return {**raw, **out.aux}
+
+    def weight(self, name: str, model: Encoder) -> float:
+        """The weight of a term of :meth:`raw`: the constraint's, or the ModelConfig field of an aux loss."""
+        return self.weights[name] if name in self.weights else getattr(model.cfg, _AUX_WEIGHTS[name])
+
     def loss(self, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> tuple[Tensor, dict[str, float]]:
         """Σ weight × constraint over the active constraints, in registry order: a 0-dim float32 tensor,
         exactly 0.0 when none is active (so CE + it == CE bit for bit), and each active constraint's raw
         (unweighted) value keyed by its arm's name."""
         total = torch.zeros((), device=out.logits.device)
-        raw: dict[str, Tensor] = {}
-        for name, arm in self.arms.items():
-            raw[name] = arm.loss(self._inputs(name, out, padding_mask, model))
-            total = total + self.weights[name] * raw[name]
-        for name, value in out.aux.items():  # the architecture's own losses (routed heads' load balance)
-            raw[name] = value
-            total = total + getattr(model.cfg, _AUX_WEIGHTS[name]) * value
+        raw = self.raw(out, padding_mask, model)
+        for name, value in raw.items():
+            total = total + self.weight(name, model) * value
         return total, _floats(**raw)
 
     def auxiliary_step(self, out: EncoderOutput, padding_mask: Tensor, model: Encoder | None = None) -> dict[str, float]:

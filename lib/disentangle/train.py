@@ -414,6 +414,16 @@ def _run_lock(cache: Path, run_id: str) -> Iterator[None]:
 
 
 def _train_or_resume(cfg: RunConfig, run_id: str, run_dir: Path, cache: Path, progress: bool, threads: int | None) -> RunResult:
+    data = load_data(cfg.data, cache)
+    if resolve_device(cfg.train.device).type != "cpu":
+        return _loop(_prepare(cfg, run_id, run_dir, cache, data), progress)
+    with _cpu_settings(threads):
+        return _loop(_prepare(cfg, run_id, run_dir, cache, data), progress)
+
+
+def _prepare(cfg: RunConfig, run_id: str, run_dir: Path, cache: Path, data: TaskData) -> _Training:
+    """A run's folder made ready (``config.json``) and its :class:`_Training` set up, resumed from the
+    folder's checkpoint when that is valid. The caller holds the run's lock."""
     # Anything but a valid checkpoint in an unfinished folder is debris from a crash: start clean.
     checkpoint = None
     if run_dir.exists():
@@ -427,15 +437,14 @@ def _train_or_resume(cfg: RunConfig, run_id: str, run_dir: Path, cache: Path, pr
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(json.dumps(_config_record(cfg, run_id), indent=2), run_dir / "config.json")
-    data = load_data(cfg.data, cache)
-    if resolve_device(cfg.train.device).type != "cpu":
-        return _fit(cfg, run_id, run_dir, data, checkpoint, progress)
-    with _cpu_settings(threads):
-        return _fit(cfg, run_id, run_dir, data, checkpoint, progress)
+    run = _Training(cfg, run_id, run_dir, data)
+    if checkpoint is not None:
+        run.resume(checkpoint)
+    return run
 
 
 class _Training:
-    """One run's training, in the named steps :func:`_fit` strings together: set up (model, optimiser,
+    """One run's training, in the named steps :func:`_loop` (or a stack, :mod:`disentangle.stack`) strings together: set up (model, optimiser,
     constraints, from the run's seed), :meth:`resume` from a checkpoint, :meth:`step` (one optimiser step;
     False when the loss is not finite), :meth:`evaluate_and_checkpoint` (validation row, early stopping,
     checkpoint; True to stop) and :meth:`finish` (final metrics and the result files).
@@ -501,6 +510,7 @@ class _Training:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
         self.opt.step()
         constraints.auxiliary_step(out, b["padding_mask"])
+        self.last = {"loss": loss.detach(), "ce": ce.detach()}
         for k, v in {"loss": loss.item(), "ce": ce.item(), **terms}.items():
             self.running[k] = self.running.get(k, 0.0) + float(v)
         self.n_running += 1
@@ -575,13 +585,11 @@ class _Training:
         return RunResult(self.cfg, self.run_id, run_dir, self.status, metrics, history, wall, cached=False, info=self.info)
 
 
-def _fit(cfg: RunConfig, run_id: str, run_dir: Path, data: TaskData, checkpoint: dict | None, progress: bool) -> RunResult:
-    """Train one run from scratch or from ``checkpoint``: the loop over :class:`_Training`'s steps."""
-    run = _Training(cfg, run_id, run_dir, data)
-    if checkpoint is not None:
-        run.resume(checkpoint)
+def _loop(run: _Training, progress: bool) -> RunResult:
+    """Train one run to its end (the solo engine): the loop over :class:`_Training`'s steps."""
+    cfg = run.cfg
     run.t0 = time.perf_counter()  # wall time counts training, not set-up
-    bar = progress_bar(total=cfg.train.steps, initial=run.step_no, desc=run_id, leave=False) if progress else None
+    bar = progress_bar(total=cfg.train.steps, initial=run.step_no, desc=run.run_id, leave=False) if progress else None
     run.model.train()
     while run.step_no < cfg.train.steps:
         if not run.step():
@@ -598,13 +606,28 @@ def _fit(cfg: RunConfig, run_id: str, run_dir: Path, data: TaskData, checkpoint:
 # ------------------------------------------------------------------------------------------- grids
 
 
-def _run_in_worker(cfg_dict: dict, cache_dir: str, threads: int | None) -> tuple[str, str | None]:
-    cfg = RunConfig.from_dict(cfg_dict)
+def _run_in_worker(cfg_dicts: list[dict], cache_dir: str, threads: int | None) -> list[tuple[str, str | None]]:
+    """Train one work item of a grid: a single run, or a stack (:mod:`disentangle.stack`); an error fails
+    every run of its item."""
+    from .stack import train_stack
+
+    cfgs = [RunConfig.from_dict(d) for d in cfg_dicts]
     try:
-        run(cfg, cache_dir, threads=threads)
-        return run_hash(cfg), None
+        if len(cfgs) == 1:
+            run(cfgs[0], cache_dir, threads=threads)
+            return [(run_hash(cfgs[0]), None)]
+        return train_stack(cfgs, cache_dir, threads)
     except Exception:
-        return run_hash(cfg), traceback.format_exc()
+        error = traceback.format_exc()
+        return [(run_hash(c), error) for c in cfgs]
+
+
+def stacking_default() -> bool:
+    """Whether grids stack runs when ``run_grid(stacked=None)``: yes, unless ``$DISENTANGLE_STACKED`` is 0."""
+    value = os.environ.get("DISENTANGLE_STACKED", "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes"):
+        raise ConfigError([f"DISENTANGLE_STACKED={value!r} must be 1 (stack runs, the default) or 0 (one run at a time)"])
+    return value in ("1", "true", "yes")
 
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
@@ -662,6 +685,8 @@ def run_grid(
     on_error: str = "raise",
     desc: str = "runs",
     scheduler: str | None = None,
+    stacked: bool | None = None,
+    max_stack: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run (or load) every config; return ``(runs, history)`` as tidy DataFrames.
 
@@ -680,6 +705,10 @@ def run_grid(
     ``scheduler`` (or ``$DISENTANGLE_SCHEDULER``): the address of a ``dask.distributed`` scheduler; the
     runs are then submitted to its workers through Dask's executor (:mod:`disentangle.cluster`), with the
     cache on a file system they all see; ``n_jobs`` is then the cluster's business.
+
+    ``stacked`` (default True, or ``$DISENTANGLE_STACKED``): runs that share every shape train together, as one
+    stacked step (:mod:`disentangle.stack`), at most ``max_stack`` to a stack; each stack is one work item for
+    the worker processes or the cluster. False trains one run per work item, as before stacking.
     """
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error={on_error!r} is not one of ['raise', 'record']")
@@ -703,27 +732,36 @@ def run_grid(
         for data_cfg in {c.data for c in todo}:
             load_data(data_cfg, cache)
 
+    if stacked is None:
+        stacked = stacking_default()
+    if stacked and todo:
+        from .stack import default_max_runs, plan
+
+        device = resolve_device(todo[0].train.device)
+        items = plan(todo, getattr(remote, "n_workers", 1) if remote is not None else n_jobs, max_stack or default_max_runs(device))
+    else:
+        items = [[cfg] for cfg in todo]
     bar = progress_bar(total=len(unique), initial=len(results), desc=desc, disable=not progress)
     grid_progress = GridProgress(desc, len(unique), len(results))
     errors: dict[str, str] = {}
-    if n_jobs == 1 and remote is None:
-        for cfg in todo:
-            run_id, err = _run_in_worker(cfg.to_dict(), str(cache), threads)
+
+    def record(outcomes: list[tuple[str, str | None]]) -> None:
+        for run_id, err in outcomes:
             if err:
                 errors[run_id] = err
             bar.update(1)
             grid_progress.update()
+
+    if n_jobs == 1 and remote is None:
+        for item in items:
+            record(_run_in_worker([c.to_dict() for c in item], str(cache), threads))
     else:
         # Spawned workers: forking a process whose torch thread pools are initialised can deadlock.
         pool = remote or _worker_pool(n_jobs)
-        futures = [pool.submit(_run_in_worker, cfg.to_dict(), str(cache), threads) for cfg in todo]
+        futures = [pool.submit(_run_in_worker, [c.to_dict() for c in item], str(cache), threads) for item in items]
         try:
             for fut in as_completed(futures):
-                run_id, err = fut.result()
-                if err:
-                    errors[run_id] = err
-                bar.update(1)
-                grid_progress.update()
+                record(fut.result())
         except KeyboardInterrupt:
             # Workers ignore SIGINT (see _ignore_sigint): stop them here, so an interrupted notebook does not
             # go on training in the background. Finished runs are cached; running ones resume from checkpoints.

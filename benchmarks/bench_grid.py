@@ -1,0 +1,151 @@
+"""Runs per hour of the default profile's sweep grid: one run per work item (before stacking) vs the stacked
+engine, side by side in one invocation, on this machine's cores.
+
+The grid is the default profile's (params/default.yaml): baseline + all four constraints at their three weights,
+three seeds (39 runs, the 02-05 sections), each cut to ``--steps`` steps with the profile's evaluations per
+run (steps / eval_every) kept, so a run's mix of training and evaluation is the profile's. Runs per hour
+are projected to the profile's step count: (runs × steps) / wall / profile steps × 3600. Each engine trains
+the grid from an empty cache in its own temporary folder, ``n_jobs`` worker processes each (default: one per
+core), workers started before the clock starts; the engines alternate over ``--rounds``, medians printed.
+
+    .venv/bin/python benchmarks/bench_grid.py                   # 200 steps a run, 1 round
+    .venv/bin/python benchmarks/bench_grid.py --steps 400 --rounds 3 --step-level
+
+``--step-level``: samples per second per core of one stacked step (R runs of the default model) against
+the same samples through one model at batch R x B (the practical ceiling of stacking) and R solo steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+
+from disentangle.config import RunConfig, run_hash  # noqa: E402
+from disentangle.study import Study  # noqa: E402
+from disentangle.train import _worker_pool, load_data, run_grid  # noqa: E402
+
+
+def sweep_grid(steps: int) -> tuple[list[RunConfig], int]:
+    common = yaml.safe_load((REPO / "params" / "default.yaml").read_text())["common"]
+    train = dict(common["train"])
+    profile_steps = train["steps"]
+    evals = max(1, profile_steps // train["eval_every"])
+    train.update(steps=steps, eval_every=max(1, steps // evals), warmup_steps=min(train["warmup_steps"], steps // 4))
+    study = Study.from_parameters(model=common["model"], data=common["data"], train=train, seeds=common["seeds"],
+                                  sweep_weights=common["sweep_weights"], variants=common["variants"])
+    configs = [c for name in study.sweep_weights for c in study.sweep_configs(name)]
+    return list({run_hash(c): c for c in configs}.values()), profile_steps  # the baseline is in every sweep
+
+
+def grid_wall(configs, stacked: bool, n_jobs: int, data_cache: Path) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        (cache / "data").symlink_to(data_cache / "data")  # the data is built once, outside the clock
+        t = time.perf_counter()
+        runs, _ = run_grid(configs, cache, n_jobs=n_jobs, progress=False, stacked=stacked)
+        wall = time.perf_counter() - t
+        bad = runs[runs["status"] != "finished"]
+        if len(bad):
+            raise SystemExit(f"{len(bad)} runs did not finish: {bad[['run_id', 'status', 'error']].to_string()}")
+        return wall
+
+
+def step_level(R: int, threads: int, rounds: int) -> None:
+    """One training step (forward, CE, backward, no optimiser) of R default-size runs three ways."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from disentangle.model import Encoder, ModelConfig
+
+    torch.set_num_threads(threads)
+    B, T = 16, 40
+    cfg = ModelConfig(vocab_size=60, n_classes=20)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 60, (R, B, T), generator=g)
+    pad = torch.arange(T)[None, None, :] >= torch.randint(T // 2, T + 1, (R, B, 1), generator=g)
+    tokens = tokens.masked_fill(pad, 0)
+    seg = (torch.arange(T) // 6)[None, None].expand(R, B, T).contiguous()
+    ans = torch.randint(0, 20, (R, B), generator=g)
+    models = [Encoder(cfg) for _ in range(R)]
+    params, buffers = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    big = Encoder(cfg)
+
+    def one(p, b, t, m, s, a):
+        return F.cross_entropy(functional_call(skeleton, (p, b), (t, m), {"segments": s, "check": False}).logits, a)
+
+    loss = vmap(one)
+
+    def solo():
+        for r, m in enumerate(models):
+            F.cross_entropy(m(tokens[r], pad[r], segments=seg[r], check=False).logits, ans[r]).backward()
+
+    def stacked():
+        loss(params, buffers, tokens, pad, seg, ans).sum().backward()
+
+    def ceiling():
+        out = big(tokens.view(R * B, T), pad.view(R * B, T), segments=seg.view(R * B, T), check=False)
+        F.cross_entropy(out.logits, ans.view(-1)).backward()
+
+    fns = {"R solo steps": solo, "stacked step": stacked, "one model, batch R x B": ceiling}
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for i in range(rounds * 3):
+        for k in list(fns)[i % 3:] + list(fns)[:i % 3]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    print(f"\nstep level: R={R} runs x batch {B}, T={T}, default model, {threads} thread(s), forward + backward")
+    ceil = statistics.median(times["one model, batch R x B"])
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"  {k:<24} {R * B / m / threads:9.0f} samples/s/core   {ceil / m:5.2f} of the ceiling")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=200, help="steps per run (the profile's evaluations per run are kept)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--n-jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--step-level", action="store_true")
+    args = ap.parse_args()
+    configs, profile_steps = sweep_grid(args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_cache = Path(tmp)
+        load_data(configs[0].data, data_cache)
+        if args.n_jobs > 1:  # start the workers (interpreters importing torch) outside the clock
+            pool = _worker_pool(args.n_jobs)
+            list(pool.map(abs, range(args.n_jobs)))
+        walls: dict[str, list[float]] = {"one run at a time": [], "stacked": []}
+        for i in range(args.rounds):
+            for name in (list(walls) if i % 2 == 0 else list(walls)[::-1]):
+                walls[name].append(grid_wall(configs, name == "stacked", args.n_jobs, data_cache))
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"default sweep grid: {len(configs)} runs x {args.steps} steps, {args.n_jobs} worker(s), 1 thread each, "
+          f"{args.rounds} round(s); runs per hour projected to {profile_steps} steps a run")
+    ref = statistics.median(walls["one run at a time"])
+    for name, w in walls.items():
+        m = statistics.median(w)
+        per_hour = len(configs) * args.steps / m / profile_steps * 3600
+        line = f"{name}: {ref / m:.2f}x" if name == "stacked" else f"{name}:"
+        print(f"  {line:<22} {m:7.1f} s   {per_hour:6.1f} runs/hour")
+    if args.step_level:
+        step_level(8, 1, 5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Many runs of one shape trained as one: the stacked engine that ``run_grid`` uses by default.
+
+A *stack* is R runs whose configs agree on every shape (model, data, batch size, steps, schedule) and on
+which constraint arms are on, and differ only in seed (initial weights, batch order), constraint weights and
+learning rate. Each run is still a :class:`train._Training` (its own seed, model, optimiser state, history,
+checkpoints, cache folder and result files: nothing downstream can tell a stacked run from a solo one). Only
+the optimiser step is shared: the R models' parameters are stacked on a leading run axis
+(``torch.func.stack_module_state``) and one ``vmap(functional_call)`` of the single-run :class:`Encoder`
+computes the R losses, so the model file remains the one definition. Per run inside the step:
+
+* its batch (indices from its own seed), its constraint weights (tensors under ``vmap``), its learning rate;
+* gradient clipping by its own norm and AdamW with its own moments, written out below with torch's AdamW
+  formula (a leading-axis learning rate is not something ``torch.optim`` takes);
+* divergence: a run whose loss is not finite is frozen on the device (``torch.where`` keeps its weights and
+  moments) and recorded as ``diverged`` at its step when the stack next evaluates; the others go on.
+
+Nothing is read back from the device between evaluations: running losses accumulate as tensors.
+
+Which runs stack (:func:`stack_key` is None otherwise, and the run trains alone exactly as before): softmax
+attention without Hopfield memory (entmax's and the Hopfield iteration's data-dependent control flow do not
+run under ``vmap``), no dropout (random draws under ``vmap`` would differ from the same run alone), and no arm
+with a trained state (the InfoNCE/CLUB estimators train in alternation with their own optimiser: not stacked
+yet). Runs that stack are equal to the same runs trained alone up to float rounding (the batched matmuls sum
+in another order, the batch is padded to the stack's longest sequence): tested per step in
+``tests/test_stack.py``; which runs shared the stack is recorded in ``result.json`` (``info.stack``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from . import arms as arms_mod
+from .config import RunConfig, run_hash
+from .constraints import no_diagnostics
+
+# The fields that may differ between the runs of one stack (dotted, as in RunConfig.to_dict()).
+PER_RUN = ("seed", "train.lr")
+
+
+def stack_key(cfg: RunConfig) -> str | None:
+    """What runs must share to train in one stack (a JSON string), or None when ``cfg`` trains alone."""
+    m, c = cfg.model, cfg.constraints
+    if m.attention != "softmax" or m.hopfield_patterns or m.dropout:
+        return None
+    weights = c.active()
+    if any(arms_mod.get(name).state is not None and _has_state(cfg, name) for name in weights):
+        return None
+    d = cfg.to_dict()
+    d.pop("seed")
+    d["train"].pop("lr")
+    for name in arms_mod.constraint_names():  # the weight may differ; whether the arm is on may not
+        d["constraints"][name] = name in weights
+    return json.dumps(d, sort_keys=True)
+
+
+def _has_state(cfg: RunConfig, name: str) -> bool:
+    # The published InfoNCE has a fixed critic (no state); the trained estimators have one.
+    return not (name == "mutual_information" and cfg.constraints.mi_variant == "published")
+
+
+def plan(configs: Sequence[RunConfig], n_workers: int, max_runs: int | None) -> list[list[RunConfig]]:
+    """Partition ``configs`` into stacks (lists; a list of one trains alone), in a deterministic order.
+
+    A stack holds at most ``max_runs`` runs, and at most ``ceil(len(configs) / n_workers)`` so that every
+    worker gets work: on a CPU, runs in parallel on separate cores beat a bigger stack on one core.
+    """
+    groups: dict[str, list[RunConfig]] = {}
+    alone: list[list[RunConfig]] = []
+    for cfg in configs:
+        key = stack_key(cfg)
+        if key is None:
+            alone.append([cfg])
+        else:
+            groups.setdefault(key, []).append(cfg)
+    cap = max(1, math.ceil(len(configs) / max(1, n_workers)))
+    if max_runs:
+        cap = min(cap, max_runs)
+    stacks = []
+    for members in groups.values():
+        n_chunks = math.ceil(len(members) / cap)
+        size = math.ceil(len(members) / n_chunks)  # even chunks: 9 runs at cap 8 are 5 + 4, not 8 + 1
+        stacks += [members[i:i + size] for i in range(0, len(members), size)]
+    # Largest first (then the runs alone), so the last work items handed to the workers are the short ones.
+    return sorted(stacks, key=len, reverse=True) + alone
+
+
+def default_max_runs(device: torch.device) -> int | None:
+    """No cap on a CPU (the cost is linear in R there); on CUDA as many runs as a quarter of the free memory
+    holds at ~64 bytes per parameter (weights, gradients, two moments, the stacked copies of both passes)
+    plus the activations, an estimate, never measured on a device in this repository yet."""
+    return None if device.type != "cuda" else 256
+
+
+class _Objective(torch.nn.Module):
+    """One run's loss as a module (the single-run Encoder inside), for ``functional_call``: what
+    ``_Training.step`` computes, CE + Σ weight × raw constraint term, with the weights as inputs."""
+
+    def __init__(self, model: torch.nn.Module, constraints, captures: frozenset[str]):
+        super().__init__()
+        self.model, self.constraints, self.captures = model, constraints, captures
+
+    def forward(self, weights, tokens, padding_mask, segments, answers):
+        out = self.model(tokens, padding_mask, capture=self.captures, segments=segments, check=False)
+        ce = F.cross_entropy(out.logits.float(), answers)
+        raw = self.constraints.raw(out, padding_mask, self.model)
+        total = torch.zeros((), device=ce.device)
+        for name, value in raw.items():
+            w = weights[name] if name in weights else self.constraints.weight(name, self.model)
+            total = total + w * value
+        return ce + total, ce, raw
+
+
+class _Stack:
+    """R :class:`train._Training` runs at the same step, stepped as one. Built from runs already set up (and
+    resumed), so each run's initial weights and state are exactly those it would have alone."""
+
+    def __init__(self, runs: list):
+        from .train import lr_at  # noqa: F401  (import cycle: train imports this module)
+
+        self.runs = runs
+        r0 = runs[0]
+        steps = {r.step_no for r in runs}
+        if len(steps) != 1:
+            raise ValueError(f"a stack's runs must be at one step, got {sorted(steps)}")
+        self.step_no = steps.pop()
+        self.device, self.tc = r0.device, r0.tc
+        self.constraints = r0.constraints  # the structure (arms, layers, captures) is shared; weights are per run
+        self.captures = self.constraints.captures
+        # The single-run Encoder is the definition: a parameterless copy of it (on "meta") is what functional_call
+        # swaps the stacked parameters into.
+        self.objective = _Objective(copy.deepcopy(r0.model).to("meta"), self.constraints, self.captures)
+        params, buffers = stack_module_state([r.model for r in runs])  # leaves (R, ...), require grad
+        self.params, self.buffers = params, buffers
+        self.names = list(params)
+        # AdamW state per leaf, from each run's own optimiser (empty at step 0, loaded after a resume).
+        self.exp_avg, self.exp_avg_sq = {}, {}
+        for name in self.names:
+            states = [r.opt.state.get(dict(r.model.named_parameters())[name], {}) for r in runs]
+            if all("exp_avg" in s for s in states):
+                self.exp_avg[name] = torch.stack([s["exp_avg"] for s in states]).to(self.device)
+                self.exp_avg_sq[name] = torch.stack([s["exp_avg_sq"] for s in states]).to(self.device)
+            else:
+                self.exp_avg[name] = torch.zeros_like(params[name], requires_grad=False)
+                self.exp_avg_sq[name] = torch.zeros_like(params[name], requires_grad=False)
+        group = r0.opt.param_groups[0]
+        self.betas, self.eps = group["betas"], group["eps"]
+        self.weight_decay = {name: (r0.tc.weight_decay if params[name].dim() >= 3 else 0.0) for name in self.names}
+        names = list(self.constraints.weights)
+        self.term_names = names
+        # (R,) weight of every active constraint, per run (0 = off for that run)
+        self.weights = {n: torch.tensor([r.constraints.weights.get(n, 0.0) for r in runs], device=self.device) for n in names}
+        R = len(runs)
+        self.alive = torch.ones(R, dtype=torch.bool, device=self.device)  # not diverged, not finished
+        self.diverged_at = torch.full((R,), -1, dtype=torch.long, device=self.device)
+        self.done = [False] * R  # finished and written (diverged, stopped early, or at the last step)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n_sums = 0
+        self._losses = vmap(self._one_run, in_dims=(0, 0, 0, 0, 0, 0, 0), randomness="error")
+        self.info = {"runs": R, "run_ids": [r.run_id for r in runs]}
+        self.last: dict[str, torch.Tensor] = {}  # the step's per-run values, for tests
+
+    # ------------------------------------------------------------------ the step
+
+    def _one_run(self, params, buffers, weights, tokens, padding_mask, segments, answers):
+        """One run's loss, CE and raw constraint terms: what ``_Training.step`` computes, for ``vmap``."""
+        with no_diagnostics():
+            return self._one_run_terms(params, buffers, weights, tokens, padding_mask, segments, answers)
+
+    def _one_run_terms(self, params, buffers, weights, tokens, padding_mask, segments, answers):
+        # Through the objective module, so that weight-based losses read the swapped-in parameters too.
+        prefixed = {f"model.{k}": v for k, v in {**params, **buffers}.items()}
+        return functional_call(self.objective, prefixed, (weights, tokens, padding_mask, segments, answers))
+
+    def _batch(self) -> dict[str, torch.Tensor]:
+        from .train import _batch_indices
+
+        train = self.runs[0].data.splits["train"]
+        idx = torch.stack([_batch_indices(self.step_no, len(train), r.tc.batch_size, r.cfg.seed) for r in self.runs])
+        R, B = idx.shape
+        b = train.batch(idx.reshape(-1))  # trimmed to the longest sequence of all R batches
+        return {k: v.reshape(R, B, *v.shape[1:]).to(self.device) for k, v in b.items()}
+
+    def step(self) -> None:
+        """One optimiser step of every live run."""
+        from .train import lr_at
+
+        b = self._batch()
+        with self.runs[0].autocast(), warnings.catch_warnings():
+            # vmap runs fused attention once per run (no batching rule for it yet): known, measured, and
+            # still faster than the runs one by one (benchmarks/bench_grid.py --step-level).
+            warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")
+            loss, ce, raw = self._losses(self.params, self.buffers, self.weights, b["tokens"], b["padding_mask"],
+                                         b["segments"], b["answers"])  # each (R,)
+        ok = torch.isfinite(loss)
+        first_bad = self.alive & ~ok
+        self.diverged_at = torch.where(first_bad, self.step_no, self.diverged_at)
+        live = self.alive & ok
+        for p in self.params.values():
+            p.grad = None
+        # A non-finite run's loss would make the sum non-finite, not the other runs' gradients (each run's
+        # parameters only meet its own loss), but its own NaN gradients are discarded below.
+        torch.where(ok, loss, 0.0).sum().backward()
+        grads = {n: p.grad for n, p in self.params.items()}
+        if self.tc.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, by each run's own total norm
+            norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()])  # (L, R)
+            total = torch.linalg.vector_norm(norms, dim=0)  # (R,)
+            coef = (self.tc.grad_clip / (total + 1e-6)).clamp(max=1.0)
+            grads = {n: g * coef.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+        lr = torch.tensor([lr_at(self.step_no, r.tc) for r in self.runs], device=self.device)
+        self._adamw(grads, lr, live)
+        self.alive = live
+        values = {"loss": loss.detach(), "ce": ce.detach(), **{k: v.detach() for k, v in raw.items()}}
+        for k, v in values.items():
+            v = torch.where(live, v.float(), 0.0)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.last = values
+        self.n_sums += 1
+        self.step_no += 1
+
+    @torch.no_grad()
+    def _adamw(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, live: torch.Tensor) -> None:
+        """torch.optim.AdamW's update, per run (lr (R,)); runs not ``live`` keep weights and moments."""
+        beta1, beta2 = self.betas
+        t = self.step_no + 1
+        bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
+        for name in self.names:
+            p, g = self.params[name], grads[name]
+            shape = (-1, *[1] * (p.dim() - 1))
+            keep = live.view(shape)
+            lr_r = lr.view(shape)
+            m = self.exp_avg[name].lerp(g, 1 - beta1)
+            v = self.exp_avg_sq[name] * beta2 + (1 - beta2) * g * g
+            new = p * (1 - lr_r * self.weight_decay[name])
+            new = new - (lr_r / bias1) * m / (v.sqrt() / bias2_sqrt + self.eps)
+            p.copy_(torch.where(keep, new, p))
+            self.exp_avg[name] = torch.where(keep, m, self.exp_avg[name])
+            self.exp_avg_sq[name] = torch.where(keep, v, self.exp_avg_sq[name])
+
+    # ------------------------------------------------------------------ per-run bookkeeping
+
+    @torch.no_grad()
+    def write_back(self, i: int) -> None:
+        """Run i's slice of the stack into its own model and AdamW state, so :class:`_Training`'s evaluation,
+        checkpoint and result files see exactly what a solo run of it would hold."""
+        run = self.runs[i]
+        named = dict(run.model.named_parameters())
+        for name in self.names:
+            named[name].copy_(self.params[name][i])
+            if self.step_no:
+                run.opt.state[named[name]] = {
+                    "step": torch.tensor(float(self.step_no), device=self.device if self.device.type == "cuda" else "cpu"),
+                    "exp_avg": self.exp_avg[name][i].clone(), "exp_avg_sq": self.exp_avg_sq[name][i].clone()}
+
+    def evaluate(self, share: float) -> None:
+        """At an evaluation step (the same for all runs): each live run's validation row, early stopping and
+        checkpoint; runs that diverged, stopped or reached the last step are finished (their files written)."""
+        alive = self.alive.tolist()
+        diverged_at = self.diverged_at.tolist()
+        sums = {k: v.tolist() for k, v in self.sums.items()}
+        for i, run in enumerate(self.runs):
+            if self.done[i]:
+                continue
+            run.elapsed += share
+            run.info["stack"] = self.info
+            if not alive[i]:  # diverged since the last evaluation: it stopped before that step's update
+                run.step_no = diverged_at[i]
+                self.write_back(i)
+                run._diverged()
+                self._finish(i)
+                continue
+            run.step_no = self.step_no
+            self.write_back(i)
+            run.running = {k: v[i] for k, v in sums.items()}
+            run.n_running = self.n_sums
+            stop = run.evaluate_and_checkpoint()
+            if stop or run.step_no >= run.tc.steps:
+                self._finish(i)
+        self.sums, self.n_sums = {}, 0
+
+    def _finish(self, i: int) -> None:
+        run = self.runs[i]
+        run.t0 = time.perf_counter()  # elapsed already holds this run's share of the stack's time
+        self.results[i] = run.finish()
+        self.done[i] = True
+        self.alive[i] = False
+
+    def fit(self) -> list:
+        """Train every run to its end; the results in the runs' order."""
+        self.results: list = [None] * len(self.runs)
+        steps = self.tc.steps
+        for r in self.runs:
+            r.model.train()
+        t0 = time.perf_counter()
+        while self.step_no < steps and not all(self.done):
+            self.step()
+            if self.step_no % self.tc.eval_every == 0 or self.step_no == steps:
+                now = time.perf_counter()
+                # each live run's share of the stack's wall time since the last evaluation
+                n_live = max(1, sum(not d for d in self.done))
+                self.evaluate((now - t0) / n_live)
+                t0 = now
+        for i in range(len(self.runs)):  # runs still open after the loop (e.g. steps == 0)
+            if not self.done[i]:
+                self._finish(i)
+        return self.results
+
+
+def train_stack(cfgs: Sequence[RunConfig], cache_dir: str | Path, threads: int | None) -> list[tuple[str, str | None]]:
+    """Train (or load) the runs of one stack; ``(run_id, error)`` per config, like ``run_grid``'s workers.
+
+    Each run takes its run lock (in id order, so two overlapping stacks cannot deadlock) and loads or resumes
+    as a solo run would; runs resumed at different steps (a stack killed between two checkpoint writes)
+    train as separate stacks, one per step.
+    """
+    from . import train as T
+
+    cache = Path(cache_dir)
+    ids = {run_hash(c): c for c in cfgs}
+    with ExitStack() as locks:
+        for run_id in sorted(ids):
+            locks.enter_context(T._run_lock(cache, run_id))
+        todo = {run_id: cfg for run_id, cfg in ids.items() if T._load_finished(cfg, run_id, cache / run_id) is None}
+        if not todo:
+            return [(i, None) for i in ids]
+        first = next(iter(todo.values()))
+        data = T.load_data(first.data, cache)
+        with T._cpu_settings(threads) if T.resolve_device(first.train.device).type == "cpu" else ExitStack():
+            runs = [T._prepare(cfg, run_id, cache / run_id, cache, data) for run_id, cfg in todo.items()]
+            by_step: dict[int, list] = {}
+            for r in runs:
+                by_step.setdefault(r.step_no, []).append(r)
+            for group in by_step.values():
+                if len(group) == 1:  # nothing to stack with: the solo loop
+                    T._loop(group[0], progress=False)
+                else:
+                    _Stack(group).fit()
+    return [(i, None) for i in ids]
+
+
+__all__ = ["PER_RUN", "plan", "stack_key", "train_stack", "default_max_runs"]
