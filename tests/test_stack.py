@@ -50,9 +50,10 @@ def test_stack_keys_group_by_shape_and_arms_and_leave_unstackable_runs_alone():
                  base.replace(**{"constraints.orthogonality": 0.1, "constraints.orthogonality_variant": "weights"})]
     assert len({stack_key(c) for c in [base, *different]}) == 5
     for alone in [base.replace(**{"model.attention": "entmax15"}), base.replace(**{"model.hopfield_patterns": 4}),
-                  base.replace(**{"model.dropout": 0.1}), base.replace(**{"constraints.mutual_information": 0.1})]:
+                  base.replace(**{"model.dropout": 0.1})]:
         assert stack_key(alone) is None
-    assert stack_key(base.replace(**{"constraints.mutual_information": 0.1, "constraints.mi_variant": "published"})) is not None
+    for variant in ("infonce", "club", "published"):
+        assert stack_key(base.replace(**{"constraints.mutual_information": 0.1, "constraints.mi_variant": variant})) is not None
 
 
 def test_plan_splits_groups_evenly_and_gives_every_worker_work():
@@ -67,6 +68,7 @@ def test_plan_splits_groups_evenly_and_gives_every_worker_work():
 STACKED_CONSTRAINTS = [
     ("orthogonality", "outputs"), ("orthogonality", "weights"), ("orthogonality", "attention"),
     ("orthogonality", "contributions"), ("orthogonality", "published"), ("mutual_information", "published"),
+    ("mutual_information", "infonce"), ("mutual_information", "club"),
     ("attention_entropy", "normalised"), ("attention_entropy", "published"),
     ("head_usage", "contributions"), ("head_usage", "published"),
 ]
@@ -81,7 +83,7 @@ def test_every_stackable_constraint_gives_each_run_its_own_loss_and_gradient(tmp
     runs = _prepared(cfgs, tmp_path)
     st = _Stack(runs)
     b = st._batch()
-    loss, ce, raw = st._losses(st.params, st.buffers, st.weights, b["tokens"], b["padding_mask"], b["segments"], b["answers"])
+    loss, ce, raw, _ = st.losses(b)
     loss.sum().backward()
     for i, r in enumerate(runs):
         out = r.model(b["tokens"][i], b["padding_mask"][i], capture=r.constraints.captures, segments=b["segments"][i])
@@ -125,6 +127,28 @@ def test_a_run_in_a_stack_of_8_matches_it_alone_per_step_for_200_steps(tmp_path)
     solo_t, stacked_t = torch.tensor(solo_losses), torch.stack(stacked).T  # (8, 200)
     rel = ((stacked_t - solo_t).abs() / solo_t.abs()).max()
     assert rel <= 1e-4, rel
+
+
+@pytest.mark.parametrize("variant", ["infonce", "club"])
+def test_stacked_mi_estimators_train_per_run_like_the_solo_alternation(tmp_path, variant):
+    # The estimator's own step joins the model's backward in a stack; alone it is a second backward after the
+    # model's step. Same gradients, so the same losses step after step (the loss reads the critic).
+    cfgs = [tiny(seed=s, **{"constraints.mutual_information": w, "constraints.mi_variant": variant})
+            for s, w in [(0, 0.1), (1, 0.3), (2, 1.0)]]
+    solo = []
+    for r in _prepared(cfgs, tmp_path / "solo"):
+        r.model.train()
+        solo.append([(r.step(), r.last["loss"].item())[1] for _ in range(40)])
+    st = _Stack(_prepared(cfgs, tmp_path / "stack"))
+    stacked = []
+    for _ in range(40):
+        st.step()
+        stacked.append(st.last["loss"])
+    solo_t, stacked_t = torch.tensor(solo), torch.stack(stacked).T
+    assert ((stacked_t - solo_t).abs() / solo_t.abs()).max() <= 1e-4
+    st.write_back(1)  # the estimator's weights and Adam state come back into run 1's own state, as alone
+    r_solo_state = st.runs[1].constraints.state_dict()
+    assert r_solo_state["estimator_optimizer"]["state"][0]["step"].item() == 40
 
 
 def _grid(cfgs, cache, **kw):

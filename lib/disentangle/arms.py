@@ -82,6 +82,10 @@ class Arm:
     loss: Callable[[LossInputs], Tensor] | None = None
     state: Callable[..., Any] | None = None  # (cfg, model_cfg, layers, device) -> state with auxiliary_step, state_dict
     step: Callable[[Any, LossInputs], dict[str, float]] | None = None  # (state, inputs) -> logs: its state's own step
+    # (state, inputs) -> 0-dim tensor: what that step minimises (over the state's `estimator` module, with its
+    # `optimizer`'s Adam), so the stacked engine can take it in the model's backward; None = the arm's runs
+    # train alone
+    objective: Callable[[Any, LossInputs], Tensor] | None = None
     checks: Callable[[Any], list[str]] = lambda cfg: []  # problems of its fields beyond the generic ones
     changes: Mapping[str, Any] = field(default_factory=dict)  # architecture arms: dotted RunConfig fields
 
@@ -162,6 +166,10 @@ def _mi_step(state: C.MIEstimator, x: LossInputs) -> dict[str, float]:
     return state.auxiliary_step(x.select(x.out.head_out), x.padding_mask)
 
 
+def _mi_objective(state: C.MIEstimator, x: LossInputs) -> Tensor:
+    return state.objective(x.select(x.out.head_out), x.padding_mask)[0]
+
+
 def _mi_loss(x: LossInputs) -> Tensor:
     if x.cfg.mi_variant == "published":
         return C.published_infonce(x.select(x.out.head_out), x.padding_mask).loss
@@ -207,7 +215,7 @@ ARMS: dict[str, Arm] = {
             ),
             variant_field="mi_variant", variants=C.MI_VARIANTS,
             captures=lambda cfg: frozenset({"head_out"}),
-            loss=_mi_loss, state=_mi_state, step=_mi_step, checks=_mi_checks,
+            loss=_mi_loss, state=_mi_state, step=_mi_step, objective=_mi_objective, checks=_mi_checks,
         ),
         Arm(
             "attention_entropy", "attention entropy", "#2ca02c", "constraint",

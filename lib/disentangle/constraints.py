@@ -645,16 +645,22 @@ class MIEstimator:
             est = self.estimator(*self._inputs(head_out, padding_mask), frozen=True)  # (L·P,)
         return _pair_mean(est.clamp_min(0.0))  # clamped like InfoNCE: below 0 only exploits a stale q
 
-    def auxiliary_step(self, head_out: list[Tensor], padding_mask: Tensor) -> dict[str, float]:
-        """One Adam step of the estimator on the detached representations (alternating with the model's
-        step): up I_NCE for InfoNCE's critic, up the log-likelihood for CLUB's q. Returns
-        ``critic_infonce`` or ``club_nll``, before the step."""
-        with torch.enable_grad(), torch.autocast(padding_mask.device.type, enabled=False):
+    def objective(self, head_out: list[Tensor], padding_mask: Tensor) -> tuple[Tensor, str]:
+        """What the estimator's own step minimises, on the detached representations (no gradient reaches
+        the model): −I_NCE for InfoNCE's critic (``critic_infonce``), the negative log-likelihood for
+        CLUB's q (``club_nll``). The stacked engine minimises it in the model's backward pass."""
+        with torch.autocast(padding_mask.device.type, enabled=False):
             x, y = self._inputs(head_out, padding_mask, detach=True)
             if isinstance(self.estimator, CLUB):
-                objective, name = -self.estimator.log_likelihood(x, y).mean(), "club_nll"
-            else:
-                objective, name = -infonce_bound(x, y, critic=self.estimator).mean(), "critic_infonce"
+                return -self.estimator.log_likelihood(x, y).mean(), "club_nll"
+            return -infonce_bound(x, y, critic=self.estimator).mean(), "critic_infonce"
+
+    def auxiliary_step(self, head_out: list[Tensor], padding_mask: Tensor) -> dict[str, float]:
+        """One Adam step of the estimator on :meth:`objective` (alternating with the model's step): up
+        I_NCE for InfoNCE's critic, up the log-likelihood for CLUB's q. Returns ``critic_infonce`` or
+        ``club_nll``, before the step."""
+        with torch.enable_grad():
+            objective, name = self.objective(head_out, padding_mask)
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             self.optimizer.step()

@@ -79,6 +79,12 @@ class Constraints:
             logs.update(self.arms[name].step(state, self._inputs(name, out, padding_mask, model)))
         return logs
 
+    def objectives(self, out: EncoderOutput, padding_mask: Tensor, model: Encoder) -> dict[str, Tensor]:
+        """What each arm state's own step minimises (on detached representations), by arm name: what
+        :meth:`auxiliary_step` takes one optimiser step on, for the stacked engine's single backward pass."""
+        return {name: self.arms[name].objective(state, self._inputs(name, out, padding_mask, model))
+                for name, state in self.states.items()}
+
     def state_dict(self) -> dict:
         """The arms' states ({} without any), for exact checkpoint/resume. One state (the MI estimator)
         is stored flat, as before the registry, so older checkpoints still resume."""

@@ -12,15 +12,16 @@ computes the R losses, so the model file remains the one definition. Per run ins
 * gradient clipping by its own norm and AdamW with its own moments, written out below with torch's AdamW
   formula (a leading-axis learning rate is not something ``torch.optim`` takes);
 * divergence: a run whose loss is not finite is frozen on the device (``torch.where`` keeps its weights and
-  moments) and recorded as ``diverged`` at its step when the stack next evaluates; the others go on.
+  moments) and recorded as ``diverged`` at its step when the stack next evaluates; the others go on;
+* an arm's trained state (the InfoNCE critic, CLUB's q): its networks stack too, and what its own step
+  minimises (on detached head outputs) joins the model's backward pass, its Adam stepped per run after it.
 
 Nothing is read back from the device between evaluations: running losses accumulate as tensors.
 
 Which runs stack (:func:`stack_key` is None otherwise, and the run trains alone exactly as before): softmax
 attention without Hopfield memory (entmax's and the Hopfield iteration's data-dependent control flow do not
 run under ``vmap``), no dropout (random draws under ``vmap`` would differ from the same run alone), and no arm
-with a trained state (the InfoNCE/CLUB estimators train in alternation with their own optimiser: not stacked
-yet). Runs that stack are equal to the same runs trained alone up to float rounding (the batched matmuls sum
+with a trained state that does not declare its ``objective`` (the registry's MI arm does). Runs that stack are equal to the same runs trained alone up to float rounding (the batched matmuls sum
 in another order, the batch is padded to the stack's longest sequence): tested per step in
 ``tests/test_stack.py``; which runs shared the stack is recorded in ``result.json`` (``info.stack``).
 """
@@ -54,7 +55,7 @@ def stack_key(cfg: RunConfig) -> str | None:
     if m.attention != "softmax" or m.hopfield_patterns or m.dropout:
         return None
     weights = c.active()
-    if any(arms_mod.get(name).state is not None and _has_state(cfg, name) for name in weights):
+    if any(arms_mod.get(name).state is not None and arms_mod.get(name).objective is None for name in weights):
         return None
     d = cfg.to_dict()
     d.pop("seed")
@@ -62,11 +63,6 @@ def stack_key(cfg: RunConfig) -> str | None:
     for name in arms_mod.constraint_names():  # the weight may differ; whether the arm is on may not
         d["constraints"][name] = name in weights
     return json.dumps(d, sort_keys=True)
-
-
-def _has_state(cfg: RunConfig, name: str) -> bool:
-    # The published InfoNCE has a fixed critic (no state); the trained estimators have one.
-    return not (name == "mutual_information" and cfg.constraints.mi_variant == "published")
 
 
 def plan(configs: Sequence[RunConfig], n_workers: int, max_runs: int | None) -> list[list[RunConfig]]:
@@ -103,12 +99,24 @@ def default_max_runs(device: torch.device) -> int | None:
 
 
 class _Objective(torch.nn.Module):
-    """One run's loss as a module (the single-run Encoder inside), for ``functional_call``: what
-    ``_Training.step`` computes, CE + Σ weight × raw constraint term, with the weights as inputs."""
+    """One run's loss as a module, for ``functional_call``: what ``_Training.step`` computes, CE + Σ weight ×
+    raw constraint term (the weights are inputs), and, for arms with a trained state (the MI estimator), what
+    that state's own step minimises. Holds parameterless ("meta") copies of the single-run Encoder and of the
+    states' estimator networks, into which the stacked parameters are swapped."""
 
-    def __init__(self, model: torch.nn.Module, constraints, captures: frozenset[str]):
+    def __init__(self, model: torch.nn.Module, constraints):
         super().__init__()
-        self.model, self.constraints, self.captures = model, constraints, captures
+        self.model = copy.deepcopy(model).to("meta")
+        # A shallow copy of the run's Constraints whose states hold the copies registered here, so that the
+        # constraint losses read the swapped-in estimator parameters too.
+        self.constraints = copy.copy(constraints)
+        self.constraints.states = {}
+        self.estimators = torch.nn.ModuleDict()
+        for name, state in constraints.states.items():
+            clone = copy.copy(state)
+            clone.estimator = self.estimators[name] = copy.deepcopy(state.estimator).to("meta")
+            self.constraints.states[name] = clone
+        self.captures = constraints.captures
 
     def forward(self, weights, tokens, padding_mask, segments, answers):
         out = self.model(tokens, padding_mask, capture=self.captures, segments=segments, check=False)
@@ -118,7 +126,68 @@ class _Objective(torch.nn.Module):
         for name, value in raw.items():
             w = weights[name] if name in weights else self.constraints.weight(name, self.model)
             total = total + w * value
-        return ce + total, ce, raw
+        # The estimators' objectives read detached head outputs, and the loss reads frozen estimators, so one
+        # backward of their sum gives each parameter exactly the gradient of its own optimiser's step.
+        states = self.constraints.objectives(out, padding_mask, self.model)
+        return ce + total, ce, raw, sum(states.values(), torch.zeros((), device=ce.device))
+
+
+class _Group:
+    """Stacked parameters (leaves (R, ...)) under one Adam(W): the models' (AdamW, per-run learning rates,
+    clipped) or an arm state's estimators' (their own Adam). Moments start from each run's own optimiser
+    state, so a resumed run continues exactly."""
+
+    def __init__(self, modules: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], prefix: str, device):
+        params, buffers = stack_module_state(modules)  # leaves (R, ...), require grad
+        self.prefix, self.params, self.buffers = prefix, params, buffers
+        self.modules, self.optimizers = modules, optimizers
+        group = optimizers[0].param_groups
+        decayed = {id(p) for g in group if g.get("weight_decay") for p in g["params"]}
+        named0 = dict(modules[0].named_parameters())
+        self.weight_decay = {n: (next(g["weight_decay"] for g in group if any(q is named0[n] for q in g["params"]))
+                                 if id(named0[n]) in decayed else 0.0) for n in params}
+        self.betas, self.eps = group[0]["betas"], group[0]["eps"]
+        self.exp_avg, self.exp_avg_sq = {}, {}
+        for name in params:
+            states = [opt.state.get(dict(m.named_parameters())[name], {}) for m, opt in zip(modules, optimizers)]
+            if all("exp_avg" in st for st in states):
+                self.exp_avg[name] = torch.stack([st["exp_avg"] for st in states]).to(device)
+                self.exp_avg_sq[name] = torch.stack([st["exp_avg_sq"] for st in states]).to(device)
+            else:
+                self.exp_avg[name] = torch.zeros_like(params[name], requires_grad=False)
+                self.exp_avg_sq[name] = torch.zeros_like(params[name], requires_grad=False)
+
+    def call_args(self) -> dict[str, torch.Tensor]:
+        return {f"{self.prefix}{k}": v for k, v in {**self.params, **self.buffers}.items()}
+
+    @torch.no_grad()
+    def adamw(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, live: torch.Tensor, t: int) -> None:
+        """torch.optim.AdamW's update at step t, per run (lr (R,)); runs not ``live`` keep weights and moments."""
+        beta1, beta2 = self.betas
+        bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
+        for name, p in self.params.items():
+            g = grads[name]
+            shape = (-1, *[1] * (p.dim() - 1))
+            keep, lr_r = live.view(shape), lr.view(shape)
+            m = self.exp_avg[name].lerp(g, 1 - beta1)
+            v = self.exp_avg_sq[name] * beta2 + (1 - beta2) * g * g
+            new = p * (1 - lr_r * self.weight_decay[name]) - (lr_r / bias1) * m / (v.sqrt() / bias2_sqrt + self.eps)
+            p.copy_(torch.where(keep, new, p))
+            self.exp_avg[name] = torch.where(keep, m, self.exp_avg[name])
+            self.exp_avg_sq[name] = torch.where(keep, v, self.exp_avg_sq[name])
+
+    @torch.no_grad()
+    def write_back(self, i: int, steps: int, device) -> None:
+        """Run i's slice into its own module and optimiser state (as torch's Adam(W) would hold it)."""
+        named = dict(self.modules[i].named_parameters())
+        opt = self.optimizers[i]
+        fused = any(g.get("fused") for g in opt.param_groups)
+        for name in self.params:
+            named[name].copy_(self.params[name][i])
+            if steps:
+                step = torch.tensor(float(steps), device=device if fused else "cpu")
+                opt.state[named[name]] = {"step": step, "exp_avg": self.exp_avg[name][i].clone(),
+                                          "exp_avg_sq": self.exp_avg_sq[name][i].clone()}
 
 
 class _Stack:
@@ -126,8 +195,6 @@ class _Stack:
     resumed), so each run's initial weights and state are exactly those it would have alone."""
 
     def __init__(self, runs: list):
-        from .train import lr_at  # noqa: F401  (import cycle: train imports this module)
-
         self.runs = runs
         r0 = runs[0]
         steps = {r.step_no for r in runs}
@@ -137,50 +204,45 @@ class _Stack:
         self.device, self.tc = r0.device, r0.tc
         self.constraints = r0.constraints  # the structure (arms, layers, captures) is shared; weights are per run
         self.captures = self.constraints.captures
-        # The single-run Encoder is the definition: a parameterless copy of it (on "meta") is what functional_call
-        # swaps the stacked parameters into.
-        self.objective = _Objective(copy.deepcopy(r0.model).to("meta"), self.constraints, self.captures)
-        params, buffers = stack_module_state([r.model for r in runs])  # leaves (R, ...), require grad
-        self.params, self.buffers = params, buffers
-        self.names = list(params)
-        # AdamW state per leaf, from each run's own optimiser (empty at step 0, loaded after a resume).
-        self.exp_avg, self.exp_avg_sq = {}, {}
-        for name in self.names:
-            states = [r.opt.state.get(dict(r.model.named_parameters())[name], {}) for r in runs]
-            if all("exp_avg" in s for s in states):
-                self.exp_avg[name] = torch.stack([s["exp_avg"] for s in states]).to(self.device)
-                self.exp_avg_sq[name] = torch.stack([s["exp_avg_sq"] for s in states]).to(self.device)
-            else:
-                self.exp_avg[name] = torch.zeros_like(params[name], requires_grad=False)
-                self.exp_avg_sq[name] = torch.zeros_like(params[name], requires_grad=False)
-        group = r0.opt.param_groups[0]
-        self.betas, self.eps = group["betas"], group["eps"]
-        self.weight_decay = {name: (r0.tc.weight_decay if params[name].dim() >= 3 else 0.0) for name in self.names}
-        names = list(self.constraints.weights)
-        self.term_names = names
+        # The single-run Encoder is the definition: the objective holds a parameterless copy of it.
+        self.objective = _Objective(r0.model, self.constraints)
+        self.model = _Group([r.model for r in runs], [r.opt for r in runs], "model.", self.device)
+        self.params, self.buffers = self.model.params, self.model.buffers
+        self.states = {name: _Group([r.constraints.states[name].estimator for r in runs],
+                                    [r.constraints.states[name].optimizer for r in runs], f"estimators.{name}.", self.device)
+                       for name in self.constraints.states}
         # (R,) weight of every active constraint, per run (0 = off for that run)
-        self.weights = {n: torch.tensor([r.constraints.weights.get(n, 0.0) for r in runs], device=self.device) for n in names}
+        self.weights = {n: torch.tensor([r.constraints.weights.get(n, 0.0) for r in runs], device=self.device)
+                        for n in self.constraints.weights}
         R = len(runs)
         self.alive = torch.ones(R, dtype=torch.bool, device=self.device)  # not diverged, not finished
         self.diverged_at = torch.full((R,), -1, dtype=torch.long, device=self.device)
         self.done = [False] * R  # finished and written (diverged, stopped early, or at the last step)
         self.sums: dict[str, torch.Tensor] = {}
         self.n_sums = 0
-        self._losses = vmap(self._one_run, in_dims=(0, 0, 0, 0, 0, 0, 0), randomness="error")
+        self._losses = vmap(self._one_run, randomness="error")
         self.info = {"runs": R, "run_ids": [r.run_id for r in runs]}
         self.last: dict[str, torch.Tensor] = {}  # the step's per-run values, for tests
 
     # ------------------------------------------------------------------ the step
 
-    def _one_run(self, params, buffers, weights, tokens, padding_mask, segments, answers):
-        """One run's loss, CE and raw constraint terms: what ``_Training.step`` computes, for ``vmap``."""
-        with no_diagnostics():
-            return self._one_run_terms(params, buffers, weights, tokens, padding_mask, segments, answers)
+    def _one_run(self, params, weights, tokens, padding_mask, segments, answers):
+        with no_diagnostics():  # diagnostics are Python floats: not under vmap
+            return functional_call(self.objective, params, (weights, tokens, padding_mask, segments, answers))
 
-    def _one_run_terms(self, params, buffers, weights, tokens, padding_mask, segments, answers):
-        # Through the objective module, so that weight-based losses read the swapped-in parameters too.
-        prefixed = {f"model.{k}": v for k, v in {**params, **buffers}.items()}
-        return functional_call(self.objective, prefixed, (weights, tokens, padding_mask, segments, answers))
+    def _call_params(self) -> dict[str, torch.Tensor]:
+        out = self.model.call_args()
+        for group in self.states.values():
+            out.update(group.call_args())
+        return out
+
+    def losses(self, b: dict[str, torch.Tensor]):
+        """(loss, ce, raw terms, estimators' objective), each (R,), of batch ``b`` (tensors (R, B, ...))."""
+        with self.runs[0].autocast(), warnings.catch_warnings():
+            # vmap runs fused attention once per run (no batching rule for it yet): known, measured, and
+            # still faster than the runs one by one (benchmarks/bench_grid.py --step-level).
+            warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")
+            return self._losses(self._call_params(), self.weights, b["tokens"], b["padding_mask"], b["segments"], b["answers"])
 
     def _batch(self) -> dict[str, torch.Tensor]:
         from .train import _batch_indices
@@ -192,33 +254,30 @@ class _Stack:
         return {k: v.reshape(R, B, *v.shape[1:]).to(self.device) for k, v in b.items()}
 
     def step(self) -> None:
-        """One optimiser step of every live run."""
+        """One optimiser step of every live run (and of its estimators)."""
         from .train import lr_at
 
-        b = self._batch()
-        with self.runs[0].autocast(), warnings.catch_warnings():
-            # vmap runs fused attention once per run (no batching rule for it yet): known, measured, and
-            # still faster than the runs one by one (benchmarks/bench_grid.py --step-level).
-            warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")
-            loss, ce, raw = self._losses(self.params, self.buffers, self.weights, b["tokens"], b["padding_mask"],
-                                         b["segments"], b["answers"])  # each (R,)
+        loss, ce, raw, state_objective = self.losses(self._batch())
         ok = torch.isfinite(loss)
-        first_bad = self.alive & ~ok
-        self.diverged_at = torch.where(first_bad, self.step_no, self.diverged_at)
+        self.diverged_at = torch.where(self.alive & ~ok, self.step_no, self.diverged_at)
         live = self.alive & ok
-        for p in self.params.values():
-            p.grad = None
-        # A non-finite run's loss would make the sum non-finite, not the other runs' gradients (each run's
-        # parameters only meet its own loss), but its own NaN gradients are discarded below.
-        torch.where(ok, loss, 0.0).sum().backward()
+        groups = [self.model, *self.states.values()]
+        for group in groups:
+            for p in group.params.values():
+                p.grad = None
+        # Each run's parameters meet only its own loss, so the others' gradients are untouched by a non-finite
+        # run; that run's own (NaN) gradients are discarded by the update's mask.
+        (torch.where(ok, loss, 0.0).sum() + torch.where(ok, state_objective, 0.0).sum()).backward()
         grads = {n: p.grad for n, p in self.params.items()}
-        if self.tc.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, by each run's own total norm
+        if self.tc.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_ of the model, by each run's own total norm
             norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()])  # (L, R)
-            total = torch.linalg.vector_norm(norms, dim=0)  # (R,)
-            coef = (self.tc.grad_clip / (total + 1e-6)).clamp(max=1.0)
+            coef = (self.tc.grad_clip / (torch.linalg.vector_norm(norms, dim=0) + 1e-6)).clamp(max=1.0)
             grads = {n: g * coef.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
-        lr = torch.tensor([lr_at(self.step_no, r.tc) for r in self.runs], device=self.device)
-        self._adamw(grads, lr, live)
+        t = self.step_no + 1
+        self.model.adamw(grads, torch.tensor([lr_at(self.step_no, r.tc) for r in self.runs], device=self.device), live, t)
+        for name, group in self.states.items():
+            lr = torch.tensor([r.constraints.states[name].optimizer.param_groups[0]["lr"] for r in self.runs], device=self.device)
+            group.adamw({n: p.grad for n, p in group.params.items()}, lr, live, t)
         self.alive = live
         values = {"loss": loss.detach(), "ce": ce.detach(), **{k: v.detach() for k, v in raw.items()}}
         for k, v in values.items():
@@ -228,39 +287,13 @@ class _Stack:
         self.n_sums += 1
         self.step_no += 1
 
-    @torch.no_grad()
-    def _adamw(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, live: torch.Tensor) -> None:
-        """torch.optim.AdamW's update, per run (lr (R,)); runs not ``live`` keep weights and moments."""
-        beta1, beta2 = self.betas
-        t = self.step_no + 1
-        bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
-        for name in self.names:
-            p, g = self.params[name], grads[name]
-            shape = (-1, *[1] * (p.dim() - 1))
-            keep = live.view(shape)
-            lr_r = lr.view(shape)
-            m = self.exp_avg[name].lerp(g, 1 - beta1)
-            v = self.exp_avg_sq[name] * beta2 + (1 - beta2) * g * g
-            new = p * (1 - lr_r * self.weight_decay[name])
-            new = new - (lr_r / bias1) * m / (v.sqrt() / bias2_sqrt + self.eps)
-            p.copy_(torch.where(keep, new, p))
-            self.exp_avg[name] = torch.where(keep, m, self.exp_avg[name])
-            self.exp_avg_sq[name] = torch.where(keep, v, self.exp_avg_sq[name])
-
     # ------------------------------------------------------------------ per-run bookkeeping
 
-    @torch.no_grad()
     def write_back(self, i: int) -> None:
-        """Run i's slice of the stack into its own model and AdamW state, so :class:`_Training`'s evaluation,
-        checkpoint and result files see exactly what a solo run of it would hold."""
-        run = self.runs[i]
-        named = dict(run.model.named_parameters())
-        for name in self.names:
-            named[name].copy_(self.params[name][i])
-            if self.step_no:
-                run.opt.state[named[name]] = {
-                    "step": torch.tensor(float(self.step_no), device=self.device if self.device.type == "cuda" else "cpu"),
-                    "exp_avg": self.exp_avg[name][i].clone(), "exp_avg_sq": self.exp_avg_sq[name][i].clone()}
+        """Run i's slice of the stack into its own model, estimators and optimiser states, so :class:`_Training`'s
+        evaluation, checkpoint and result files see exactly what a solo run of it would hold."""
+        for group in (self.model, *self.states.values()):
+            group.write_back(i, self.step_no, self.device)
 
     def evaluate(self, share: float) -> None:
         """At an evaluation step (the same for all runs): each live run's validation row, early stopping and
