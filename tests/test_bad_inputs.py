@@ -175,6 +175,7 @@ def test_ctrl_c_marks_the_section_interrupted_and_keeps_the_index_true(project, 
 
     monkeypatch.setattr(runner, "execute", interrupted)
     monkeypatch.setattr(runner, "environment", lambda: {})
+    monkeypatch.setattr(runner, "screenshots", lambda out_dir: None)  # its own notice when Chromium is missing
     assert runner.main(["--profile", "ok", "--only", "00_tasks"]) == 130
     err = capsys.readouterr().err
     assert "interrupted in 00_tasks" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
