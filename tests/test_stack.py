@@ -65,6 +65,18 @@ def test_plan_splits_groups_evenly_and_gives_every_worker_work():
     assert sum(len(s) for s in plan(cfgs, 4, None)) == len(cfgs)
 
 
+def test_the_stack_size_cap_comes_from_the_environment_and_is_checked(monkeypatch):
+    from disentangle.stack import default_max_runs
+
+    assert default_max_runs(tiny()) is None  # a CPU: no cap beyond the share of the workers
+    monkeypatch.setenv("DISENTANGLE_MAX_STACK", "4")
+    assert default_max_runs(tiny()) == 4
+    assert sorted(len(s) for s in plan([tiny(seed=s) for s in range(9)], 1, default_max_runs(tiny()))) == [3, 3, 3]
+    monkeypatch.setenv("DISENTANGLE_MAX_STACK", "lots")
+    with pytest.raises(ValueError, match="DISENTANGLE_MAX_STACK='lots' must be a positive integer"):
+        default_max_runs(tiny())
+
+
 STACKED_CONSTRAINTS = [
     ("orthogonality", "outputs"), ("orthogonality", "weights"), ("orthogonality", "attention"),
     ("orthogonality", "contributions"), ("orthogonality", "published"), ("mutual_information", "published"),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -44,10 +45,6 @@ from torch.func import functional_call, stack_module_state, vmap
 from . import arms as arms_mod
 from .config import RunConfig, run_hash
 from .constraints import no_diagnostics
-
-# The fields that may differ between the runs of one stack (dotted, as in RunConfig.to_dict()).
-PER_RUN = ("seed", "train.lr")
-
 
 def stack_key(cfg: RunConfig) -> str | None:
     """What runs must share to train in one stack (a JSON string), or None when ``cfg`` trains alone."""
@@ -91,11 +88,31 @@ def plan(configs: Sequence[RunConfig], n_workers: int, max_runs: int | None) -> 
     return sorted(stacks, key=len, reverse=True) + alone
 
 
-def default_max_runs(device: torch.device) -> int | None:
-    """No cap on a CPU (the cost is linear in R there); on CUDA as many runs as a quarter of the free memory
-    holds at ~64 bytes per parameter (weights, gradients, two moments, the stacked copies of both passes)
-    plus the activations, an estimate, never measured on a device in this repository yet."""
-    return None if device.type != "cuda" else 256
+def default_max_runs(cfg: RunConfig) -> int | None:
+    """The most runs a stack of ``cfg``'s shape may hold: ``$DISENTANGLE_MAX_STACK`` if set; on a CPU no cap
+    (a stack's cost is linear in R there, and a stack is no bigger than its share of the cores' runs); on
+    CUDA as many runs as half of the device's free memory holds, at an estimated cost per run: weights,
+    gradients, two moments and the update's temporaries (8 copies of the parameters, float32) plus the
+    activations the backward pass keeps (about 24 floats per token and layer of width d_model or d_ff, and
+    3 per attention entry). An estimate, not a measurement: no GPU was lent while this was written."""
+    env = os.environ.get("DISENTANGLE_MAX_STACK")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"DISENTANGLE_MAX_STACK={env!r} must be a positive integer (runs per stack)")
+        return value
+    device = torch.device(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return None
+    m, B, T = cfg.model, cfg.train.batch_size, cfg.model.max_len
+    n_params = m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + 256 * m.d_model  # + embeddings, roughly
+    acts = B * T * m.n_layers * (24 * max(m.d_model, m.d_ff) + 3 * m.n_heads * T)
+    per_run = 4 * (8 * n_params + acts)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(0.5 * free // per_run))
 
 
 class _Objective(torch.nn.Module):
@@ -381,4 +398,4 @@ def train_stack(cfgs: Sequence[RunConfig], cache_dir: str | Path, threads: int |
     return [(i, None) for i in ids]
 
 
-__all__ = ["PER_RUN", "plan", "stack_key", "train_stack", "default_max_runs"]
+__all__ = ["plan", "stack_key", "train_stack", "default_max_runs"]

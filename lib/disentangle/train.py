@@ -708,7 +708,9 @@ def run_grid(
 
     ``stacked`` (default True, or ``$DISENTANGLE_STACKED``): runs that share every shape train together, as one
     stacked step (:mod:`disentangle.stack`), at most ``max_stack`` to a stack; each stack is one work item for
-    the worker processes or the cluster. False trains one run per work item, as before stacking.
+    the worker processes or the cluster (``max_stack`` default: ``$DISENTANGLE_MAX_STACK``, else no cap on a CPU
+    and what the free memory holds on CUDA, :func:`disentangle.stack.default_max_runs`). False trains one
+    run per work item, as before stacking.
     """
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error={on_error!r} is not one of ['raise', 'record']")
@@ -737,8 +739,7 @@ def run_grid(
     if stacked and todo:
         from .stack import default_max_runs, plan
 
-        device = resolve_device(todo[0].train.device)
-        items = plan(todo, getattr(remote, "n_workers", 1) if remote is not None else n_jobs, max_stack or default_max_runs(device))
+        items = plan(todo, getattr(remote, "n_workers", 1) if remote is not None else n_jobs, max_stack or default_max_runs(todo[0]))
     else:
         items = [[cfg] for cfg in todo]
     bar = progress_bar(total=len(unique), initial=len(results), desc=desc, disable=not progress)
