@@ -11,6 +11,9 @@ core), workers started before the clock starts; the engines alternate over ``--r
     .venv/bin/python benchmarks/bench_grid.py                   # 200 steps a run, 1 round
     .venv/bin/python benchmarks/bench_grid.py --steps 400 --rounds 3 --step-level
 
+``--gpu-projection R``: without a device, the full profile's step (solo and a stack of R) projected to a GPU from
+its operator count and FLOPs measured here. ``--skip-grid``: only the step-level figures.
+
 ``--step-level``: samples per second per core of one stacked step (R runs of the default model) against
 the same samples through one model at batch R x B (the practical ceiling of stacking) and R solo steps.
 """
@@ -31,6 +34,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# What the stacked engine captures (disentangle.stack._Objective): the explicit attention path, which vmap batches.
+CAPTURE = os.environ.get("BENCH_CAPTURE", "attn") or None
 sys.path.insert(0, str(REPO / "lib"))
 
 from disentangle.config import RunConfig, run_hash  # noqa: E402
@@ -85,7 +90,7 @@ def step_level(R: int, threads: int, rounds: int) -> None:
     big = Encoder(cfg)
 
     def one(p, b, t, m, s, a):
-        return F.cross_entropy(functional_call(skeleton, (p, b), (t, m), {"segments": s, "check": False}).logits, a)
+        return F.cross_entropy(functional_call(skeleton, (p, b), (t, m), {"segments": s, "check": False, "capture": CAPTURE}).logits, a)
 
     loss = vmap(one)
 
@@ -116,13 +121,83 @@ def step_level(R: int, threads: int, rounds: int) -> None:
         print(f"  {k:<24} {R * B / m / threads:9.0f} samples/s/core   {ceil / m:5.2f} of the ceiling")
 
 
+NO_KERNEL = {f"aten::{n}" for n in (
+    "view", "as_strided", "resolve_conj", "resolve_neg", "empty", "empty_strided", "_unsafe_view", "_reshape_alias", "t",
+    "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select", "alias", "detach", "unbind", "split",
+    "chunk", "reshape", "lift_fresh", "to", "result_type")}
+
+
+def gpu_projection(R: int, launch_us: float, tflops: float) -> None:
+    """Without a GPU: the full profile's step, solo and stacked, projected from what this CPU counts of it.
+
+    One training step (forward, loss, backward) of the full profile's model (d_model 128, 3 layers, d_ff 256,
+    batch 64, 64 tokens) is profiled here: its aten operators (each at least one kernel launch on a GPU) and
+    its FLOPs (the profiler's count of the matmuls). A GPU step then costs at least max(launches x
+    ``launch_us``, FLOPs / ``tflops``): launch-bound for one small run, compute-bound for a big enough stack.
+    """
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+    from torch.profiler import ProfilerActivity, profile
+
+    from disentangle.model import Encoder, ModelConfig
+
+    B, T = 64, 64
+    cfg = ModelConfig(vocab_size=80, n_classes=40, d_model=128, n_layers=3, d_ff=256, max_len=160)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 80, (R, B, T), generator=g)
+    pad = torch.zeros(R, B, T, dtype=torch.bool)
+    seg = (torch.arange(T) // 8)[None, None].expand(R, B, T).contiguous()
+    ans = torch.randint(0, 40, (R, B), generator=g)
+    models = [Encoder(cfg) for _ in range(R)]
+    params, buffers = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+
+    def one(p, b, t, m, s, a):
+        return F.cross_entropy(functional_call(skeleton, (p, b), (t, m), {"segments": s, "check": False, "capture": CAPTURE}).logits, a)
+
+    def solo():  # fused attention, as a solo run without constraints trains
+        F.cross_entropy(models[0](tokens[0], pad[0], segments=seg[0], check=False).logits, ans[0]).backward()
+
+    def stacked():
+        vmap(one)(params, buffers, tokens, pad, seg, ans).sum().backward()
+
+    counts = {}
+    for name, fn in (("solo", solo), ("stacked", stacked)):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            fn()
+        events = [e for e in prof.events() if e.name.startswith("aten::")]
+        # Leaf operators that run a kernel: views, reshapes and allocations launch nothing.
+        leaves = [e for e in events if not any(c.name.startswith("aten::") for c in e.cpu_children) and e.name not in NO_KERNEL]
+        counts[name] = (len(leaves), sum(e.flops or 0 for e in events if e.flops))
+    print(f"\nGPU projection (no device here): full-profile model, batch {B}, T={T}, forward + backward; "
+          f"a launch >= {launch_us:g} us, {tflops:g} TFLOP/s sustained")
+    run_steps = 400 * 30000  # the full profile: about 400 runs of 20,000-30,000 steps (the stacked engine's issue)
+    ref = None
+    for name, (launches, flops) in counts.items():
+        runs = 1 if name == "solo" else R
+        step = max(launches * launch_us * 1e-6, flops / (tflops * 1e12))
+        per_hour = runs / step * 3600 / 30000
+        ref = ref or per_hour
+        print(f"  {name:<8} R={runs:<4} {launches:6d} launches  {flops / 1e9:8.2f} GFLOP  step >= {step * 1e3:7.2f} ms  "
+              f"{per_hour:8.1f} runs/hour  {per_hour / ref:6.1f}x   full profile >= {run_steps / runs * step / 3600:6.2f} h")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=200, help="steps per run (the profile's evaluations per run are kept)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--n-jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--step-level", action="store_true")
+    ap.add_argument("--gpu-projection", type=int, default=0, metavar="R", help="project the full profile on a GPU from a stack of R")
+    ap.add_argument("--skip-grid", action="store_true")
     args = ap.parse_args()
+    if args.gpu_projection:
+        gpu_projection(args.gpu_projection, launch_us=8.0, tflops=100.0)
+    if args.skip_grid:
+        if args.step_level:
+            step_level(8, 1, 5)
+        return
     configs, profile_steps = sweep_grid(args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         data_cache = Path(tmp)

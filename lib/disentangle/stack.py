@@ -33,7 +33,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -133,7 +132,10 @@ class _Objective(torch.nn.Module):
             clone = copy.copy(state)
             clone.estimator = self.estimators[name] = copy.deepcopy(state.estimator).to("meta")
             self.constraints.states[name] = clone
-        self.captures = constraints.captures
+        # Always the explicit attention path: vmap batches its matmuls and softmax, whereas fused attention has
+        # no batching rule and runs once per run (measured on the full profile's model: 270 kernels a step for
+        # a stack of 8 either way of R with it, 522 and growing with R through fused attention; 206 alone).
+        self.captures = constraints.captures | {"attn"}
 
     def forward(self, weights, tokens, padding_mask, segments, answers):
         out = self.model(tokens, padding_mask, capture=self.captures, segments=segments, check=False)
@@ -255,10 +257,7 @@ class _Stack:
 
     def losses(self, b: dict[str, torch.Tensor]):
         """(loss, ce, raw terms, estimators' objective), each (R,), of batch ``b`` (tensors (R, B, ...))."""
-        with self.runs[0].autocast(), warnings.catch_warnings():
-            # vmap runs fused attention once per run (no batching rule for it yet): known, measured, and
-            # still faster than the runs one by one (benchmarks/bench_grid.py --step-level).
-            warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")
+        with self.runs[0].autocast():
             return self._losses(self._call_params(), self.weights, b["tokens"], b["padding_mask"], b["segments"], b["answers"])
 
     def _batch(self) -> dict[str, torch.Tensor]:
