@@ -143,6 +143,32 @@ def test_an_explicit_babi_dir_that_is_a_file_is_an_error(project, tmp_path, caps
     assert not (reports / "ok").exists()
 
 
+def test_an_explicit_babi_dir_without_the_task_files_is_an_error_not_a_skipped_section(project, tmp_path, monkeypatch,
+                                                                                        capsys):
+    # The second half of case 7: a directory that exists but lacks the files made 09 skip itself, "ok", exit 0.
+    params, reports = project
+    (params / "ok.yaml").write_text("title: ok\nsections: {09_babi: {babi_tasks: [qa1, qa2]}}\n")
+    ran = []
+    monkeypatch.setattr(runner, "execute", lambda s, p, o: ran.append(p) or runner.SectionRun(s, "ok", parameters=p))
+    monkeypatch.setattr(runner, "render_html", lambda *a: None)
+    monkeypatch.setattr(runner, "environment", lambda: {})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert runner.main(["--profile", "ok", "--only", "09_babi", "--babi-dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"--babi-dir {empty}:" in err and "qa1" in err and "needed by 09_babi" in err and "Traceback" not in err
+    only_qa1 = tmp_path / "only_qa1"
+    only_qa1.mkdir()
+    for kind in ("train", "test"):
+        (only_qa1 / f"qa1_single-supporting-fact_{kind}.txt").write_text(GOOD_BABI)
+    assert runner.main(["--profile", "ok", "--only", "09_babi", "--babi-dir", str(only_qa1)]) == 2
+    assert "qa2" in capsys.readouterr().err  # the task whose files are missing
+    assert not ran and not (reports / "ok" / "sections.json").exists()  # nothing ran, no index row claims ok
+    (params / "ok.yaml").write_text("title: ok\nsections: {09_babi: {babi_tasks: [qa1]}}\n")
+    assert runner.main(["--profile", "ok", "--only", "09_babi", "--babi-dir", str(only_qa1)]) == 0  # usable: it runs
+    assert ran[0]["babi_dir"] == str(only_qa1)
+
+
 def test_unwritable_reports_are_refused_before_any_training(project, tmp_path, monkeypatch, capsys):
     params, _ = project
     (params / "ok.yaml").write_text("title: ok\n")

@@ -376,6 +376,25 @@ def _explicit_dir_problem(path: str) -> str | None:
     return None
 
 
+def declared_default(section: str, key: str) -> Any:
+    """The default a notebook's parameters cell gives ``key`` (a literal)."""
+    import ast
+
+    return ast.literal_eval(declared_parameters(next(s for s in all_sections() if s.name == section))[key]["default"])
+
+
+def _babi_files_problem(path: str, tasks) -> str | None:
+    """Why the bAbI directory ``path`` lacks what ``tasks`` need (their train and test files), or None."""
+    from ..config import ConfigError
+    from ..verdicts.babi import babi_dir_problem
+
+    try:
+        problem = babi_dir_problem(path, list(tasks))
+    except ConfigError:  # bad task ids: the notebook's own check names them; not this path's fault
+        return None
+    return problem.replace("`", "") if problem else None  # Markdown quotes, not for a console
+
+
 def _unwritable(dirs: list[Path]) -> str | None:
     """The first of ``dirs`` that cannot be created or written, with the reason; None if all can."""
     for d in dirs:
@@ -418,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, p in params.items():
             if "babi_dir" in declared_parameters(next(s for s in sections if s.name == name)):
                 p["babi_dir"] = resolve_path(args.babi_dir)
+                # A directory that exists but lacks the tasks' files would make the section skip itself and
+                # report ok: the user's own path must be usable, so check it as the notebook will, now.
+                problem = _babi_files_problem(p["babi_dir"], p.get("babi_tasks") or declared_default(name, "babi_tasks"))
+                if problem:
+                    print(f"error: --babi-dir {args.babi_dir}: {problem} (needed by {name}; only the profile's own "
+                          "babi_dir may be skipped)", file=sys.stderr)
+                    return 2
 
     out_dir = REPORTS / args.profile
     problem = _unwritable([out_dir, out_dir / "results", _cache_dir()])

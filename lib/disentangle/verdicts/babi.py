@@ -198,24 +198,30 @@ def skip_reason(babi_dir: str | None, tasks: Sequence[str]) -> str | None:
     a message); a parameter that is wrong whatever the data (``tasks`` empty or not bAbI ids) raises a
     ConfigError naming it. A malformed file is left to the reader, which names the file and line.
     """
+    why = babi_dir_problem(babi_dir, tasks)
+    if why is None:
+        return None
+    return f"**This section was skipped:** {why}.\n\n{how_to_point()}"
+
+
+def babi_dir_problem(babi_dir: str | None, tasks: Sequence[str]) -> str | None:
+    """Why ``babi_dir`` cannot be used for ``tasks`` (plain text), or None: what :func:`skip_reason` shows, and
+    what the report runner refuses up front for a ``--babi-dir`` the user gave (only the profile's default
+    path may be skipped). Bad ``tasks`` raise a ConfigError, as in :func:`skip_reason`."""
     bad = [t for t in tasks if t not in BABI_TASKS]
     if not tasks or bad:
         raise ConfigError([f"babi_tasks={list(tasks)!r}: " + (f"{bad} are not bAbI task ids" if bad else "empty")
                            + " (allowed: qa1 .. qa20)"])  # fmt: skip
-    why = None
     if not babi_dir or not str(babi_dir).strip():
-        why = "no bAbI directory was given (`babi_dir` is empty)"
-    else:
-        try:
-            root = resolve_dir(str(babi_dir))
-            for t in tasks:
-                for kind in ("train", "test"):
-                    find_file(root, t, kind)
-        except (FileNotFoundError, OSError) as err:
-            why = f"`babi_dir={babi_dir!r}` cannot be used: {err}"
-    if why is None:
-        return None
-    return f"**This section was skipped:** {why}.\n\n{how_to_point()}"
+        return "no bAbI directory was given (`babi_dir` is empty)"
+    try:
+        root = resolve_dir(str(babi_dir))
+        for t in tasks:
+            for kind in ("train", "test"):
+                find_file(root, t, kind)
+    except (FileNotFoundError, OSError) as err:
+        return f"`babi_dir={babi_dir!r}` cannot be used: {err}"
+    return None
 
 
 def questions_per_task(babi_dir: str, tasks: Sequence[str]) -> dict[str, int]:
@@ -521,7 +527,7 @@ def support_display(table: pd.DataFrame, tasks: Sequence[str], column: str = "su
 
 __all__ = [
     "BABI_TASKS", "MEMN2N_REFERENCES", "canonical_dir", "data_summary", "PUBLISHED_AVERAGES", "REFERENCES", "Reference", "SHOWN_REFERENCES",
-    "TASK_NAMES", "UT_REFERENCES", "accuracy_costs", "arm_label", "arms", "babi_configs", "chance_errors",
+    "TASK_NAMES", "UT_REFERENCES", "accuracy_costs", "arm_label", "arms", "babi_dir_problem", "babi_configs", "chance_errors",
     "comparison_table", "data_changes", "dataset_size", "error_summary", "error_table", "verdict_rows", "how_to_point",
     "needed_max_len", "questions_per_task", "reference", "reference_table", "run_errors", "skip_reason",
     "sources_table", "support_display", "support_mass", "support_mass_of_run", "support_table", "first_per_task",
