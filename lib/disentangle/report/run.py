@@ -322,7 +322,8 @@ def write_index(out_dir: Path, profile_name: str, profile: dict, runs: list[Sect
     for r in runs:
         e = r.error or {}
         sections.append({"name": r.section.name, "title": r.section.title, "html": r.html, "status": r.status,
-                         "failed": r.status not in ("ok", "not run"), "where": _where(e),
+                         # an interrupted section has no error to show: its status says it (not "FAILED ... None")
+                         "failed": r.status not in ("ok", "not run", "interrupted"), "where": _where(e),
                          "ename": str(e.get("ename")), "evalue": str(e.get("evalue"))[:300],
                          "seconds": f"{r.seconds:.0f} s"})
     blocks = _findings_blocks(profile_name, runs)
@@ -492,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         now = next((r for r in runs if r.section.name == s.name), None)
         shown.append(now or _from_state(s, state.get(s.name)))
     index = write_index(out_dir, args.profile, profile, shown, environment(), total)
-    screenshots(out_dir)
+    if interrupted is None:  # after Ctrl-C the user wants out, not a browser started
+        screenshots(out_dir)
     print(f"[{args.profile}] report: {index} ({total / 60:.1f} min)")
     if interrupted is not None:
         print(f"[{args.profile}] interrupted in {interrupted.section.name} (marked so in the index): finished runs "
