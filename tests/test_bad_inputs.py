@@ -143,6 +143,32 @@ def test_an_explicit_babi_dir_that_is_a_file_is_an_error(project, tmp_path, caps
     assert not (reports / "ok").exists()
 
 
+def test_an_explicit_babi_dir_without_the_task_files_is_an_error_not_a_skipped_section(project, tmp_path, monkeypatch,
+                                                                                        capsys):
+    # The second half of case 7: a directory that exists but lacks the files made 09 skip itself, "ok", exit 0.
+    params, reports = project
+    (params / "ok.yaml").write_text("title: ok\nsections: {09_babi: {babi_tasks: [qa1, qa2]}}\n")
+    ran = []
+    monkeypatch.setattr(runner, "execute", lambda s, p, o: ran.append(p) or runner.SectionRun(s, "ok", parameters=p))
+    monkeypatch.setattr(runner, "render_html", lambda *a: None)
+    monkeypatch.setattr(runner, "environment", lambda: {})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert runner.main(["--profile", "ok", "--only", "09_babi", "--babi-dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"--babi-dir {empty}:" in err and "qa1" in err and "needed by 09_babi" in err and "Traceback" not in err
+    only_qa1 = tmp_path / "only_qa1"
+    only_qa1.mkdir()
+    for kind in ("train", "test"):
+        (only_qa1 / f"qa1_single-supporting-fact_{kind}.txt").write_text(GOOD_BABI)
+    assert runner.main(["--profile", "ok", "--only", "09_babi", "--babi-dir", str(only_qa1)]) == 2
+    assert "qa2" in capsys.readouterr().err  # the task whose files are missing
+    assert not ran and not (reports / "ok" / "sections.json").exists()  # nothing ran, no index row claims ok
+    (params / "ok.yaml").write_text("title: ok\nsections: {09_babi: {babi_tasks: [qa1]}}\n")
+    assert runner.main(["--profile", "ok", "--only", "09_babi", "--babi-dir", str(only_qa1)]) == 0  # usable: it runs
+    assert ran[0]["babi_dir"] == str(only_qa1)
+
+
 def test_unwritable_reports_are_refused_before_any_training(project, tmp_path, monkeypatch, capsys):
     params, _ = project
     (params / "ok.yaml").write_text("title: ok\n")
@@ -311,17 +337,58 @@ common:
          story_min: 2, story_max: 3, n_distractors: 0, ood_story_min: 5, ood_story_max: 7}
   train: {steps: 20, batch_size: 16, lr: 1000, warmup_steps: 0, eval_every: 10}
   sweep_weights: {orthogonality: [1.0], mutual_information: [1.0], attention_entropy: [1.0], head_usage: [1.0]}
-sections: {01_baseline: {compare_plain: false}}
+  axes: {model.d_ff: [32, 64]}
+  capacity_arms: all
+sections:
+  01_baseline: {compare_plain: false}
+  09_babi: {babi_dir: BABI, babi_tasks: [qa1], babi_steps: 20, babi_n_train: 50, babi_n_test: 20,
+            babi_attention_examples: 10}
 """
+DIVERGED_SECTIONS = ["01_baseline", "02_orthogonality", "06_capacity_scaling", "07_interpretability", "08_findings", "09_babi"]
 
 
-def test_sections_of_a_profile_whose_runs_all_diverge_execute_and_record_them(project, monkeypatch):
-    """The one end-to-end render of this module (about 30 s): lr 1000, every run diverges."""
+def test_sections_of_a_profile_whose_runs_all_diverge_execute_and_record_them(project, monkeypatch, babi_en):
+    """The one end-to-end render of this module (about 60 s): lr 1000, every run diverges. Each section
+    executes, records the diverged runs, and every verdict is inconclusive, saying which runs it left out."""
     params, reports = project
-    (params / "div.yaml").write_text(DIVERGING_PROFILE)
+    (params / "div.yaml").write_text(DIVERGING_PROFILE.replace("BABI", str(babi_en)))
     monkeypatch.setattr(runner, "render_html", lambda *a: None)
-    assert runner.main(["--profile", "div", "--only", "01_baseline", "02_orthogonality"]) == 0
-    baseline = json.loads((reports / "div" / "results" / "01_baseline.json").read_text())
+    from disentangle.report import results as store
+
+    monkeypatch.setattr(store, "REPORTS", reports)  # the index reads 07-09's results in this process
+    assert runner.main(["--profile", "div", "--only", *DIVERGED_SECTIONS]) == 0
+
+    def results(section):
+        return json.loads((reports / "div" / "results" / f"{section}.json").read_text())
+
+    baseline = results("01_baseline")
     assert baseline["statuses"] == {"diverged": 2}
     rows = baseline["baseline"]
     assert all(r["n"] == 0 and r["excluded"] == 2 for r in (rows if isinstance(rows, list) else rows.values()))
+
+    capacity = results("06_capacity_scaling")  # 5 arms x 2 seeds at d_ff 32 and 64
+    assert capacity["statuses"] == {"diverged": 20}
+    assert {r["outcome"] for r in capacity["recovery"]} == {"no finished run"}
+    assert all(c["n"] == 0 and c["excluded"] == 2 for c in capacity["chosen_weights"])
+    (pooled,) = capacity["findings"]
+    assert pooled["verdict"] == "inconclusive" and "no finished baseline run" in pooled["detail"]
+    assert "20 of 20 runs did not finish (20 diverged)" in pooled["detail"]
+
+    interp = results("07_interpretability")
+    assert interp["statuses"] == {"diverged": 10}
+    assert all(a["n"] == 0 and a["excluded"] == 2 for a in interp["arm_summary"]) and len(interp["arm_summary"]) == 5
+    assert "heatmap_heads" not in interp  # nothing measured on a diverged model
+
+    found = results("08_findings")
+    assert found["statuses"] == {"diverged": 20} and found["verdict_counts"] == {"inconclusive": len(found["findings"])}
+    costs = [f for f in found["findings"] if f["group"] == "accuracy cost"]
+    assert len(costs) == 4 and all("4 runs that did not finish left out" in f["detail"] for f in costs)
+    assert all("no finished model" in f["detail"] for f in found["findings"] if f["group"] == "sparse vs correct")
+
+    babi_results = results("09_babi")
+    assert babi_results["statuses"] == {"diverged": 10} and "support_mass" not in babi_results
+    assert all(f["verdict"] == "inconclusive" and "did not finish left out" in f["detail"] for f in babi_results["findings"])
+
+    # The index draws 07's table and counts 08/09's verdicts; the arms left out are said in its alt text.
+    index = (reports / "div" / "index.html").read_text()
+    assert "baseline: accuracy n/a, support mass above chance n/a (2 runs that did not finish left out)" in index

@@ -914,10 +914,12 @@ def sparsity_vs_correctness(
     df = metrics[metrics["task"] == task] if "task" in metrics.columns else metrics
     sparsity = [sparsity] if isinstance(sparsity, str) else list(sparsity)
     correctness = [correctness] if isinstance(correctness, str) else list(correctness)
+    by = [] if by is None else [by] if isinstance(by, str) else list(by)
+    if metrics.empty:  # no finished model (every run diverged): no heads, no correlation
+        return pd.DataFrame(columns=[*by, "sparsity", "correctness", "rho", "ci_low", "ci_high", "n", "verdict"])
     missing = [c for c in [*sparsity, *correctness] if c not in df.columns]
     if missing:
         raise ValueError(f"metrics has no column(s) {missing}")
-    by = [] if by is None else [by] if isinstance(by, str) else list(by)
     groups: list[tuple[dict, pd.DataFrame]] = [({c: "all" for c in by}, df)]
     if by:
         groups += [(dict(zip(by, k if isinstance(k, tuple) else (k,))), g) for k, g in df.groupby(by, sort=True)]

@@ -24,6 +24,7 @@ import pandas as pd
 from .arms import ARMS as REGISTRY
 from .arms import constraint_names
 from .arms import get as get_arm
+from .arms import label as get_label
 from .config import ConfigError, RunConfig
 from .stats import mean_ci
 from .train import run_grid
@@ -149,6 +150,9 @@ class Study:
         if len(history):
             meta = runs[["run_id", "constraint", "weight", "seed"]].drop_duplicates("run_id")
             history = history.merge(meta, on="run_id", how="left")
+        else:  # every run diverged before its first evaluation: no rows, but the columns callers select on
+            history = history.reindex(columns=[*history.columns, *[c for c in ("run_id", "step", "constraint", "weight", "seed")
+                                                                   if c not in history]])
         return runs, history
 
     # -------------------------------------------------------------------------------- experiments
@@ -198,18 +202,24 @@ class Study:
         rows = []
         for c in self.sweep_weights:
             r = runs[runs["sweep"] == c]
-            means = r.groupby("weight")["test_acc"].mean()
+            done = r[r["status"] == "finished"]  # a diverged run's NaN accuracy must not pick or veto a weight
+            means = done.groupby("weight")["test_acc"].mean().reindex(sorted(r["weight"].unique()))
             base = means.get(0.0, np.nan)
             candidates = [w for w in means.index if w > 0]
             if not candidates:
                 continue
             retained = {w: (means[w] - chance) / (base - chance) if base > chance else np.nan for w in candidates}
             ok = [w for w in candidates if retained[w] >= retain]
-            weight, how = (max(ok), f"largest weight retaining >= {retain:.0%} of the gain over chance") if ok else \
-                (min(candidates), f"no weight retains {retain:.0%}: smallest non-zero weight")
-            m, lo, hi = mean_ci(r.loc[r["weight"] == weight, "test_acc"])
+            if ok:
+                weight, how = max(ok), f"largest weight retaining >= {retain:.0%} of the gain over chance"
+            elif not np.isfinite(base):
+                weight, how = min(candidates), "no baseline run finished: smallest non-zero weight"
+            else:
+                weight, how = min(candidates), f"no weight retains {retain:.0%}: smallest non-zero weight"
+            m, lo, hi = mean_ci(done.loc[done["weight"] == weight, "test_acc"])
             rows.append({"constraint": c, "weight": weight, "test_acc": m, "ci_low": lo, "ci_high": hi,
-                         "baseline_acc": base, "retained": retained[weight], "rule": how})
+                         "baseline_acc": base, "retained": retained[weight], "rule": how,
+                         "n": int((done["weight"] == weight).sum()), "excluded": int((r["weight"] == weight).sum() - (done["weight"] == weight).sum())})
         return pd.DataFrame(rows)
 
     def chosen_configs(self, seed: int, retain: float = 0.5) -> dict[str, RunConfig]:
@@ -370,4 +380,63 @@ def head_frames(study: Study, retain: float = 0.5) -> dict[str, pd.DataFrame]:
             continue
         for name, frame in result.derived("head_frames_v1", compute).items():
             frames.setdefault(name, []).append(frame.assign(model=result.run_id, constraint=arm, weight=weight, seed=seed))
-    return {name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}
+    # Every key, even when no model finished (all diverged): empty frames, which the verdicts report as untestable.
+    return {name: pd.concat(frames[name], ignore_index=True) if name in frames else pd.DataFrame()
+            for name in ("metrics", "importance", "usage")}
+
+
+# ------------------------------------------------------------------------- runs that did not finish
+
+
+def arm_statuses(arm_runs: Sequence[tuple[str, float, int, object]]) -> pd.DataFrame:
+    """:func:`arm_results` rows as a frame: ``constraint``, ``weight``, ``seed``, ``status`` (one row per run)."""
+    return pd.DataFrame([{"constraint": a, "weight": float(w), "seed": s, "status": r.status} for a, w, s, r in arm_runs],
+                        columns=["constraint", "weight", "seed", "status"])
+
+
+def first_finished(arm_runs: Sequence[tuple[str, float, int, object]]) -> dict[str, object]:
+    """Per arm, the RunResult of its first seed (in the study's order) that finished; arms with no finished
+    run are absent (a diverged model has no weights worth analysing)."""
+    out: dict[str, object] = {}
+    for arm, _, _, result in arm_runs:
+        if arm not in out and result.status == "finished":
+            out[arm] = result
+    return out
+
+
+def unfinished(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per arm (``constraint``, ``weight``) with a run that did not finish: ``runs`` (all of the arm's runs,
+    counted once per run id when there is one) and one count per status other than finished."""
+    if "run_id" in runs:
+        runs = runs.drop_duplicates("run_id")
+    weight = runs["weight"] if "weight" in runs else pd.Series(0.0, index=runs.index)
+    frame = pd.DataFrame({"constraint": runs["constraint"], "weight": weight, "status": runs["status"]})
+    table = frame.pivot_table(index=["constraint", "weight"], columns="status", aggfunc="size", fill_value=0, sort=False)
+    table.columns.name = None
+    table["runs"] = table.sum(axis=1)
+    table = table[table.get("finished", 0) < table["runs"]]
+    return table.drop(columns=["finished"], errors="ignore").reset_index()
+
+
+NONE_FINISHED = "there is no accuracy to report, and every verdict below is inconclusive for want of a finished run"
+
+
+def excluded_text(runs: pd.DataFrame, left_out_of: str = "every table, figure and verdict below",
+                  if_none: str = NONE_FINISHED) -> str:
+    """One Markdown sentence saying which runs did not finish (per arm and status) and that they are left out
+    (``if_none``: what follows when no run finished); empty when every run finished. ``runs``: a runs frame
+    with ``constraint``, ``status`` (and ``weight``)."""
+    if "status" not in runs or (runs["status"] == "finished").all():
+        return ""
+    if "run_id" in runs:
+        runs = runs.drop_duplicates("run_id")  # the capacity grid lists a default-size run once per axis
+    table = unfinished(runs)
+    statuses = [c for c in table.columns if c not in ("constraint", "weight", "runs")]
+    parts = []
+    for r in table.to_dict("records"):
+        name = get_label(r["constraint"], None if r["constraint"] == "baseline" else r["weight"])
+        parts.append(f"{name}: " + ", ".join(f"{r[s]} of {r['runs']} {s}" for s in statuses if r[s]))
+    n_out, n = len(runs) - int((runs["status"] == "finished").sum()), len(runs)
+    if n_out == n:
+        return f"**None of the {n} runs finished** ({'; '.join(parts)}): {if_none}."
+    return f"**{n_out} of {n} runs did not finish** ({'; '.join(parts)}) and are left out of {left_out_of}."

@@ -322,7 +322,8 @@ def write_index(out_dir: Path, profile_name: str, profile: dict, runs: list[Sect
     for r in runs:
         e = r.error or {}
         sections.append({"name": r.section.name, "title": r.section.title, "html": r.html, "status": r.status,
-                         "failed": r.status not in ("ok", "not run"), "where": _where(e),
+                         # an interrupted section has no error to show: its status says it (not "FAILED ... None")
+                         "failed": r.status not in ("ok", "not run", "interrupted"), "where": _where(e),
                          "ename": str(e.get("ename")), "evalue": str(e.get("evalue"))[:300],
                          "seconds": f"{r.seconds:.0f} s"})
     blocks = _findings_blocks(profile_name, runs)
@@ -376,6 +377,25 @@ def _explicit_dir_problem(path: str) -> str | None:
     return None
 
 
+def declared_default(section: str, key: str) -> Any:
+    """The default a notebook's parameters cell gives ``key`` (a literal)."""
+    import ast
+
+    return ast.literal_eval(declared_parameters(next(s for s in all_sections() if s.name == section))[key]["default"])
+
+
+def _babi_files_problem(path: str, tasks) -> str | None:
+    """Why the bAbI directory ``path`` lacks what ``tasks`` need (their train and test files), or None."""
+    from ..config import ConfigError
+    from ..verdicts.babi import babi_dir_problem
+
+    try:
+        problem = babi_dir_problem(path, list(tasks))
+    except ConfigError:  # bad task ids: the notebook's own check names them; not this path's fault
+        return None
+    return problem.replace("`", "") if problem else None  # Markdown quotes, not for a console
+
+
 def _unwritable(dirs: list[Path]) -> str | None:
     """The first of ``dirs`` that cannot be created or written, with the reason; None if all can."""
     for d in dirs:
@@ -418,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, p in params.items():
             if "babi_dir" in declared_parameters(next(s for s in sections if s.name == name)):
                 p["babi_dir"] = resolve_path(args.babi_dir)
+                # A directory that exists but lacks the tasks' files would make the section skip itself and
+                # report ok: the user's own path must be usable, so check it as the notebook will, now.
+                problem = _babi_files_problem(p["babi_dir"], p.get("babi_tasks") or declared_default(name, "babi_tasks"))
+                if problem:
+                    print(f"error: --babi-dir {args.babi_dir}: {problem} (needed by {name}; only the profile's own "
+                          "babi_dir may be skipped)", file=sys.stderr)
+                    return 2
 
     out_dir = REPORTS / args.profile
     problem = _unwritable([out_dir, out_dir / "results", _cache_dir()])
@@ -466,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         now = next((r for r in runs if r.section.name == s.name), None)
         shown.append(now or _from_state(s, state.get(s.name)))
     index = write_index(out_dir, args.profile, profile, shown, environment(), total)
-    screenshots(out_dir)
+    if interrupted is None:  # after Ctrl-C the user wants out, not a browser started
+        screenshots(out_dir)
     print(f"[{args.profile}] report: {index} ({total / 60:.1f} min)")
     if interrupted is not None:
         print(f"[{args.profile}] interrupted in {interrupted.section.name} (marked so in the index): finished runs "

@@ -198,24 +198,30 @@ def skip_reason(babi_dir: str | None, tasks: Sequence[str]) -> str | None:
     a message); a parameter that is wrong whatever the data (``tasks`` empty or not bAbI ids) raises a
     ConfigError naming it. A malformed file is left to the reader, which names the file and line.
     """
+    why = babi_dir_problem(babi_dir, tasks)
+    if why is None:
+        return None
+    return f"**This section was skipped:** {why}.\n\n{how_to_point()}"
+
+
+def babi_dir_problem(babi_dir: str | None, tasks: Sequence[str]) -> str | None:
+    """Why ``babi_dir`` cannot be used for ``tasks`` (plain text), or None: what :func:`skip_reason` shows, and
+    what the report runner refuses up front for a ``--babi-dir`` the user gave (only the profile's default
+    path may be skipped). Bad ``tasks`` raise a ConfigError, as in :func:`skip_reason`."""
     bad = [t for t in tasks if t not in BABI_TASKS]
     if not tasks or bad:
         raise ConfigError([f"babi_tasks={list(tasks)!r}: " + (f"{bad} are not bAbI task ids" if bad else "empty")
                            + " (allowed: qa1 .. qa20)"])  # fmt: skip
-    why = None
     if not babi_dir or not str(babi_dir).strip():
-        why = "no bAbI directory was given (`babi_dir` is empty)"
-    else:
-        try:
-            root = resolve_dir(str(babi_dir))
-            for t in tasks:
-                for kind in ("train", "test"):
-                    find_file(root, t, kind)
-        except (FileNotFoundError, OSError) as err:
-            why = f"`babi_dir={babi_dir!r}` cannot be used: {err}"
-    if why is None:
-        return None
-    return f"**This section was skipped:** {why}.\n\n{how_to_point()}"
+        return "no bAbI directory was given (`babi_dir` is empty)"
+    try:
+        root = resolve_dir(str(babi_dir))
+        for t in tasks:
+            for kind in ("train", "test"):
+                find_file(root, t, kind)
+    except (FileNotFoundError, OSError) as err:
+        return f"`babi_dir={babi_dir!r}` cannot be used: {err}"
+    return None
 
 
 def questions_per_task(babi_dir: str, tasks: Sequence[str]) -> dict[str, int]:
@@ -365,13 +371,43 @@ def chance_errors(runs: pd.DataFrame, tasks: Sequence[str]) -> pd.Series:
     return pd.Series([*vals, float(np.mean(vals))], index=[*tasks, "mean"], name="majority-answer error")
 
 
+def error_summary(errors: pd.DataFrame, runs: pd.DataFrame, tasks: Sequence[str], refs: pd.DataFrame) -> str:
+    """The paragraph under the error table (Markdown): the baseline's mean error against the majority answer and
+    the published means, its hardest and easiest task, and each constraint's mean error. An arm with no
+    finished run (all diverged) shows "n/a", and the baseline's sentence then says why."""
+    base = errors[errors["constraint"] == "baseline"].set_index("task")
+    per_task = base["error"].reindex(list(tasks)).dropna()
+    chance = chance_errors(runs, tasks)["mean"]
+    ref_means = ", ".join(f"{col}: {refs.loc['mean', col]:.1f} %" for col in refs.columns)
+    if len(base) and math.isfinite(base.loc["mean", "error"]):
+        text = (f"The baseline's mean test error over these {len(tasks)} tasks is "
+                f"**{fmt(*base.loc['mean', ['error', 'ci_low', 'ci_high']], digits=1)} %** (majority answer: {chance:.1f} %). "
+                f"Published, on the same tasks: {ref_means}. ")
+        if len(per_task):
+            text += (f"Its hardest task here is {per_task.idxmax()} ({TASK_NAMES[per_task.idxmax()]}, {per_task.max():.1f} %), "
+                     f"its easiest {per_task.idxmin()} ({TASK_NAMES[per_task.idxmin()]}, {per_task.min():.1f} %). ")
+    else:
+        statuses = runs.loc[runs["constraint"] == "baseline", "status"].value_counts()
+        text = (f"No baseline run finished ({', '.join(f'{n} {s}' for s, n in statuses.items())}): its test error is not "
+                f"available (majority answer: {chance:.1f} %; published, on the same tasks: {ref_means}). ")
+    others = errors[(errors["constraint"] != "baseline") & (errors["task"] == "mean")]
+    def pct(r) -> str:
+        shown = fmt(r.error, r.ci_low, r.ci_high, digits=1)
+        return shown if shown == "n/a" else f"{shown} %"
+
+    return text + " ".join(f"With {arm_label(r.constraint, r.weight)}: {pct(r)}." for r in others.itertuples())
+
+
 # ----------------------------------------------------------------------------------------- findings
 
 
 def accuracy_costs(runs: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
     """Per constraint arm: paired per-seed change in mean test accuracy over ``tasks`` (arm − baseline, same
     seed), mean with its 95% t-interval. Columns: ``constraint``, ``weight``, ``effect``, ``ci_low``,
-    ``ci_high``, ``n`` (paired seeds)."""
+    ``ci_high``, ``n`` (paired seeds where both runs finished) and ``left_out`` (which of the arm's and the
+    baseline's runs did not finish, in words; "" when all did): a diverged run has no accuracy."""
+    from .findings import left_out
+
     per_run = run_errors(runs, tasks)
     per_run["acc"] = 1.0 - per_run["mean"] / 100.0
     base = per_run[per_run["constraint"] == "baseline"].set_index("seed")["acc"]
@@ -381,9 +417,10 @@ def accuracy_costs(runs: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
         seeds = arm.index.intersection(base.index)
         d = (arm.loc[seeds] - base.loc[seeds]).to_numpy(float)
         m, lo, hi = mean_ci(d)
+        compared = runs[(runs["constraint"] == "baseline") | ((runs["constraint"] == name) & (runs["weight"] == weight))]
         rows.append({"constraint": name, "weight": float(weight), "effect": m, "ci_low": lo, "ci_high": hi,
-                     "n": int(np.isfinite(d).sum())})
-    return pd.DataFrame(rows, columns=["constraint", "weight", "effect", "ci_low", "ci_high", "n"])
+                     "n": int(np.isfinite(d).sum()), "left_out": left_out(compared)})
+    return pd.DataFrame(rows, columns=["constraint", "weight", "effect", "ci_low", "ci_high", "n", "left_out"])
 
 
 def verdict_rows(costs: pd.DataFrame, tasks: Sequence[str], size: str | None, margin: float = 0.01) -> list[dict]:
@@ -398,7 +435,7 @@ def verdict_rows(costs: pd.DataFrame, tasks: Sequence[str], size: str | None, ma
             "measure": "paired per-seed change in mean test accuracy over the bAbI tasks (constraint at its "
                        "chosen weight minus baseline)",
             "detail": f"weight {r.weight:g}; {r.n} paired seeds; tasks {', '.join(tasks)}; bAbI {size or '?'}; "
-                      f"equivalence margin ±{margin:g}",
+                      f"equivalence margin ±{margin:g}" + (f"; {r.left_out}" if getattr(r, "left_out", "") else ""),
         })  # fmt: skip
     return out
 
@@ -490,8 +527,8 @@ def support_display(table: pd.DataFrame, tasks: Sequence[str], column: str = "su
 
 __all__ = [
     "BABI_TASKS", "MEMN2N_REFERENCES", "canonical_dir", "data_summary", "PUBLISHED_AVERAGES", "REFERENCES", "Reference", "SHOWN_REFERENCES",
-    "TASK_NAMES", "UT_REFERENCES", "accuracy_costs", "arm_label", "arms", "babi_configs", "chance_errors",
-    "comparison_table", "data_changes", "dataset_size", "error_table", "verdict_rows", "how_to_point",
+    "TASK_NAMES", "UT_REFERENCES", "accuracy_costs", "arm_label", "arms", "babi_dir_problem", "babi_configs", "chance_errors",
+    "comparison_table", "data_changes", "dataset_size", "error_summary", "error_table", "verdict_rows", "how_to_point",
     "needed_max_len", "questions_per_task", "reference", "reference_table", "run_errors", "skip_reason",
     "sources_table", "support_display", "support_mass", "support_mass_of_run", "support_table", "first_per_task",
 ]  # fmt: skip

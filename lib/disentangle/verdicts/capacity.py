@@ -67,9 +67,12 @@ AXIS_LABELS = {
     "model.n_layers": "depth (n_layers)",
     "model.n_heads": "heads (n_heads)",
 }
-OUTCOMES = ("no cost", "recovered", "not reached", "not grown")
 NOT_REACHED = "not reached"
 NOT_GROWN = "not grown"
+# The arm, or the baseline it is compared with, has no finished run at the default size (all diverged or
+# failed): neither a cost nor a recovery can be told, so it is not counted as "not reached".
+NO_FINISHED = "no finished run"
+OUTCOMES = ("no cost", "recovered", "not reached", "not grown", NO_FINISHED)
 REQUIRED = ("axis", "size", "default_size", "constraint", "seed")
 
 
@@ -78,11 +81,37 @@ def axis_label(axis: str) -> str:
     return AXIS_LABELS.get(axis, axis.split(".", 1)[-1])
 
 
+def _none_finished(cap: pd.DataFrame) -> bool:
+    return "status" in cap and not (cap["status"] == "finished").any()
+
+
+def _with_metrics(cap: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """``cap`` with NaN columns for metrics no run recorded because no run finished (a diverged run records no
+    test metric per task); a metric missing from a frame with finished runs is a wrong frame, not NaN."""
+    missing = [m for m in metrics if m not in cap.columns]
+    if missing and _none_finished(cap):
+        return cap.reindex(columns=[*cap.columns, *missing])
+    return cap
+
+
 def _check(cap: pd.DataFrame, metric: str) -> None:
     missing = [c for c in (*REQUIRED, metric) if c not in cap.columns]
     if missing:
         raise ValueError(f"capacity runs frame lacks columns {missing} (have: {list(cap.columns)[:12]} ...); "
                          "pass the runs frame of Study.capacity(axes)")
+
+
+def _unfinished_words(cap: pd.DataFrame, axis: str | None = None) -> str:
+    """"; 3 of 12 runs did not finish (diverged or failed), left out" for the axis (or the whole grid)."""
+    if "status" not in cap:
+        return ""
+    runs = cap if axis is None else cap[cap["axis"] == axis]
+    runs = runs.drop_duplicates("run_id") if "run_id" in runs else runs
+    out = int((runs["status"] != "finished").sum())
+    if not out:
+        return ""
+    kinds = ", ".join(f"{n} {s}" for s, n in runs.loc[runs["status"] != "finished", "status"].value_counts().items())
+    return f"; {out} of {len(runs)} runs did not finish ({kinds}) and are left out"
 
 
 def _finite(x) -> np.ndarray:
@@ -209,7 +238,9 @@ def _recovery_rows(cap: pd.DataFrame, metric: str, margin: float) -> list[dict]:
             weights = cap.loc[cap["constraint"] == arm, "weight"] if "weight" in cap else pd.Series([math.nan])
             means = {s: mean_ci(table[s])[0] for s in sizes}
             ok = {s: matches(means[s], ref["threshold"]) for s in sizes}
-            if ok[d]:
+            if not (math.isfinite(means[d]) and math.isfinite(ref["threshold"])):
+                outcome, at = NO_FINISHED, NO_FINISHED
+            elif ok[d]:
                 outcome, at = "no cost", min(s for s in sizes if s <= d and ok[s])
             elif not _grown(cap, arm, axis):
                 outcome, at = NOT_GROWN, NOT_GROWN
@@ -228,7 +259,7 @@ def _recovery_rows(cap: pd.DataFrame, metric: str, margin: float) -> list[dict]:
                 "acc_largest": m_l, "acc_largest_low": lo_l, "acc_largest_high": hi_l,
                 "gap_default": m_d - ref["ref"], "gap_largest": m_l - ref["ref"],
                 "outcome": outcome, "recovered_at": at,
-                "recovered_params": float(params.get(at, math.nan)) if at not in (NOT_REACHED, NOT_GROWN) and len(params) else math.nan,
+                "recovered_params": float(params.get(at, math.nan)) if at not in (NOT_REACHED, NOT_GROWN, NO_FINISHED) and len(params) else math.nan,
                 "slope": slope, "slope_low": s_lo, "slope_high": s_hi, "baseline_slope": base_slope,
                 "n_seeds": int(table.notna().any(axis=1).sum()), "n_failed": int(table.isna().to_numpy().sum()),
             })
@@ -250,6 +281,7 @@ def recovery_table(cap: pd.DataFrame, tasks: Sequence[str] | None = None, metric
     """
     _check(cap, metric)
     metrics = [("all", metric)] + [(t, f"{metric}/{t}") for t in (tasks or [])]
+    cap = _with_metrics(cap, [m for _, m in metrics])
     missing = [m for _, m in metrics if m not in cap.columns]
     if missing:
         raise ValueError(f"capacity runs frame lacks metric columns {missing}")
@@ -267,7 +299,8 @@ def per_task_recovery(cap: pd.DataFrame, tasks: Sequence[str], metric: str = "te
     column ``recovers`` is True for ``recovered``, False for ``not reached``, and NaN for ``no cost``)."""
     table = recovery_table(cap, tasks, metric, margin)
     table = table[table["task"] != "all"].reset_index(drop=True)
-    table["recovers"] = table["outcome"].map({"recovered": True, NOT_REACHED: False, "no cost": np.nan, NOT_GROWN: np.nan})
+    table["recovers"] = table["outcome"].map({"recovered": True, NOT_REACHED: False, "no cost": np.nan, NOT_GROWN: np.nan,
+                                              NO_FINISHED: np.nan})
     return table
 
 
@@ -296,6 +329,7 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
     mean over the pooled arms for the pooled row) and ``outcome``/``arms`` (which arms were pooled).
     ``margin`` is the verdict's equivalence margin; ``match_margin`` (default ``margin``) the match rule's.
     """
+    cap = _with_metrics(cap, [metric])
     _check(cap, metric)
     match_margin = margin if match_margin is None else match_margin
     ref = reference(cap, metric, match_margin)
@@ -338,10 +372,12 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
             else:
                 v, why = verdict(lo, hi, +1, margin), f"costs {cost:+.3f} at the default size"
                 gains[arm] = g
-            detail = f"{why}; {base_words}" + (f"; {n_failed} seed(s) without a finished pair of runs" if n_failed else "")
+            detail = (f"{why}; {base_words}" + (f"; {n_failed} seed(s) without a finished pair of runs" if n_failed else "")
+                      + _unfinished_words(cap[cap["constraint"].isin([arm, BASELINE])], axis))
             per_arm.append({"claim": claim, "verdict": v, "effect": e, "ci_low": lo, "ci_high": hi, "measure": measure,
                             "detail": detail, **common, "constraint": arm, "n_seeds": n, "n_failed": n_failed,
-                            "cost_default": cost, "outcome": "no cost" if no_cost else "cost" if arm in gains else NOT_GROWN,
+                            "cost_default": cost, "outcome": "no cost" if no_cost else "cost" if arm in gains else
+                            NO_FINISHED if not (math.isfinite(m_d) and math.isfinite(ref["ref"])) else NOT_GROWN,
                             "arms": arm})
         # pooled over the arms that cost accuracy at the default size
         claim = f"More {name} recovers accuracy lost to constraints"
@@ -356,10 +392,13 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
             cost = float(np.mean([r["cost_default"] for r in per_arm if r["constraint"] in gains]))
             skipped = [label(r["constraint"]) for r in per_arm if r["outcome"] == "no cost"]
             ungrown = [label(r["constraint"]) for r in per_arm if r["outcome"] == NOT_GROWN]
+            unknown = [label(r["constraint"]) for r in per_arm if r["outcome"] == NO_FINISHED]
             detail = (f"pooled over {len(gains)} constraint(s) that cost accuracy at the default size ({names}; mean cost "
                       f"{cost:+.3f})" + (f"; left out, nothing to recover: {', '.join(skipped)}" if skipped else "")
                       + (f"; left out, costly but not grown in this grid: {', '.join(ungrown)}" if ungrown else "")
-                      + f"; {base_words}" + (f"; {n_failed} constraint-seed pair(s) without finished runs" if n_failed else ""))
+                      + (f"; left out, no finished run to tell their cost: {', '.join(unknown)}" if unknown else "")
+                      + f"; {base_words}" + (f"; {n_failed} constraint-seed pair(s) without finished runs" if n_failed else "")
+                      + _unfinished_words(cap, axis))
         else:
             e = lo = hi = cost = math.nan
             n = n_failed = 0
@@ -369,11 +408,16 @@ def capacity_effects(cap: pd.DataFrame, metric: str = "test_acc", margin: float 
                 detail = "no constrained arms in the grid"
             elif largest == d:
                 detail = f"no {short} above the default {d} in the grid"
+            elif not math.isfinite(ref["ref"]):
+                detail = "no finished baseline run at the default size: no constraint's cost can be told"
+            elif any(r["outcome"] == NO_FINISHED for r in per_arm) and not any(r["outcome"] == NOT_GROWN for r in per_arm):
+                detail = "no constraint that costs accuracy at the default size could be told: " + ", ".join(
+                    label(r["constraint"]) for r in per_arm if r["outcome"] == NO_FINISHED) + " have no finished run there"
             elif any(r["outcome"] == NOT_GROWN for r in per_arm):
                 detail = "no constraint that costs accuracy at the default size was grown in this grid (capacity_arms)"
             else:
                 detail = "nothing to recover: no constraint costs accuracy at the default size"
-            detail += f"; {base_words}"
+            detail += f"; {base_words}" + _unfinished_words(cap, axis)
         measure = (f"{word} at {short}={largest} minus at the default {short}={d}, paired by seed and averaged over "
                    f"the constraints that cost accuracy at the default size; {_ci_words(n)}")
         rows.append({"claim": claim, "verdict": v, "effect": e, "ci_low": lo, "ci_high": hi, "measure": measure,
@@ -406,6 +450,8 @@ def _recovered_words(r: dict) -> str:
         return f"no cost (matches from {at}" + (f", {params})" if params else ")")
     if r["outcome"] == NOT_GROWN:
         return "not grown (costly; capacity_arms)"
+    if r["outcome"] == NO_FINISHED:
+        return "no finished run (diverged or failed)"
     return (f"{at} ({params})" if params else f"{at}") if r["outcome"] == "recovered" else NOT_REACHED
 
 
@@ -423,7 +469,7 @@ def format_recovery(table: pd.DataFrame) -> pd.DataFrame:
             "matches baseline at": _recovered_words(r),
             "gap closed per doubling": fmt(r["slope"], r["slope_low"], r["slope_high"]),
             "baseline per doubling": fmt(r["baseline_slope"], math.nan, math.nan),
-            "failed runs": r["n_failed"],
+            "diverged or failed runs": r["n_failed"],
         })
     return pd.DataFrame(rows).set_index(["task", "constraint", "axis"])
 
@@ -442,7 +488,7 @@ def format_effects(effects: pd.DataFrame) -> pd.DataFrame:
 
 
 def outcome_counts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per task: how many (constraint, axis) cells had ``no cost``, ``recovered`` or ``not reached``, and
+    """Per task: how many (constraint, axis) cells had each of :data:`OUTCOMES` (``cells``: all of them), and
     which cells are ``recovered`` / ``not reached`` (``"constraint/axis"`` lists)."""
     rows = []
     for task, g in table.groupby("task", sort=False):
@@ -450,5 +496,6 @@ def outcome_counts(table: pd.DataFrame) -> pd.DataFrame:
         row = {"task": task, **{o: int((g["outcome"] == o).sum()) for o in OUTCOMES}}
         row["recovered in"] = [c for c, o in zip(cell, g["outcome"]) if o == "recovered"]
         row["not reached in"] = [c for c, o in zip(cell, g["outcome"]) if o == NOT_REACHED]
+        row["cells"] = len(g)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["task", *OUTCOMES, "recovered in", "not reached in"]).set_index("task")
+    return pd.DataFrame(rows, columns=["task", *OUTCOMES, "recovered in", "not reached in", "cells"]).set_index("task")

@@ -45,6 +45,25 @@ def untestable(group: str, claim: str, why: str) -> dict:
     return row(group, claim, math.nan, math.nan, math.nan, "inconclusive", "not measured", f"not testable here: {why}")
 
 
+def left_out(runs: pd.DataFrame) -> str:
+    """"3 runs that did not finish left out (baseline: 2 of 2 diverged; ...)", or "" when every run of ``runs``
+    finished: a verdict says which runs it could not use (a diverged run has no test accuracy)."""
+    from ..study import unfinished
+
+    if "status" not in runs or (runs["status"] == "finished").all():
+        return ""
+    table = unfinished(runs)
+    statuses = [c for c in table.columns if c not in ("constraint", "weight", "runs")]
+    parts = [f"{label(r['constraint'])}: " + ", ".join(f"{r[s]} of {r['runs']} {s}" for s in statuses if r[s])
+             for r in table.to_dict("records")]
+    n = int(table[statuses].to_numpy().sum())
+    return f"{n} run{'s' if n > 1 else ''} that did not finish left out ({'; '.join(parts)})"
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
 def paired_differences(runs: pd.DataFrame, arm: pd.Series, base: pd.Series, metric: str | Sequence[str]) -> np.ndarray:
     """Per seed: metric(arm) − metric(baseline); several metrics are averaged first (per seed)."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
@@ -66,10 +85,13 @@ def degrade(sweeps: pd.DataFrame, chosen: pd.DataFrame, margin: float = 0.01) ->
     out = []
     for r in chosen.itertuples():
         runs = sweeps[sweeps["sweep"] == r.constraint]
+        compared = runs[runs["weight"].isin([r.weight, 0])]
         d = paired_differences(runs, runs["weight"] == r.weight, runs["weight"] == 0, "test_acc")
         m, lo, hi = mean_ci(d)
+        n = int(np.isfinite(d).sum())  # seeds where both runs finished
         out.append(row("accuracy cost", f"{label(r.constraint)} degrades accuracy", m, lo, hi, verdict(lo, hi, -1, margin),
-                       f"change in mean test accuracy at weight {r.weight:g} vs baseline, paired over {len(d)} seeds"))
+                       f"change in mean test accuracy at weight {r.weight:g} vs baseline, paired over {n} seeds",
+                       _join(left_out(compared), "no seed with both runs finished" if n == 0 else "")))
     return out
 
 
@@ -90,6 +112,10 @@ def sparse_not_correct(metrics: pd.DataFrame, spearman: pd.DataFrame, bound: flo
     """
     out = []
     over_heads = "sparser attention is not more correct (over heads)"
+    claim = "the attention-entropy constraint makes attention sparser but not more correct"
+    if metrics.empty:  # head_frames of a study whose models all diverged or failed
+        why = "no finished model to measure attention on (every run diverged or failed)"
+        return [untestable("sparse vs correct", over_heads, why), untestable("sparse vs correct", claim, why)]
     primary = spearman[(spearman["sparsity"] == "1 - entropy_cls") & (spearman["correctness"] == "support_excess_cls")]
     for pooled_by in ("group", "constraint"):  # with a `by=` grouping, the pooled row is labelled "all"
         if pooled_by in primary:
@@ -105,10 +131,10 @@ def sparse_not_correct(metrics: pd.DataFrame, spearman: pd.DataFrame, bound: flo
     per_model = (metrics[metrics["task"] == "all"]
                  .groupby(["model", "constraint", "seed"])[["entropy", "support_excess_cls", "topk_precision"]]
                  .mean().reset_index())
-    claim = "the attention-entropy constraint makes attention sparser but not more correct"
-    if "attention_entropy" not in set(per_model["constraint"]):
-        out.append(untestable("sparse vs correct", claim, "no attention-entropy models"))
-        return out
+    for needed, what in (("attention_entropy", "attention-entropy"), ("baseline", "baseline")):
+        if needed not in set(per_model["constraint"]):
+            out.append(untestable("sparse vs correct", claim, f"no finished {what} model"))
+            return out
     arm, base = per_model["constraint"] == "attention_entropy", per_model["constraint"] == "baseline"
     d_entropy = mean_ci(paired_differences(per_model, arm, base, "entropy"))
     d_correct = mean_ci(paired_differences(per_model, arm, base, "support_excess_cls"))
@@ -140,6 +166,8 @@ def rare_head_task(importance: pd.DataFrame, usage: pd.DataFrame) -> str | None:
     reliance on them = the sum of their ablation importance for that task. Averaged over models; the task
     with the largest reliance is returned (None with fewer than two tasks).
     """
+    if importance.empty or usage.empty:  # no finished model
+        return None
     imp = importance[(importance["constraint"] == "baseline") & (importance["task"] != "all")]
     use = usage[(usage["constraint"] == "baseline") & (usage["task"] == "all")].copy()
     if imp.empty or imp["task"].nunique() < 2:
@@ -163,7 +191,8 @@ def where_it_hurts(sweeps: pd.DataFrame, chosen: pd.DataFrame, tasks: Sequence[s
         "orthogonality": (["coreference"], [t for t in LOOKUP_TASKS if t != "coreference"], "coreference (two heads read one entity)"),
         "mutual_information": (["coreference"], [t for t in LOOKUP_TASKS if t != "coreference"], "coreference (two heads read one entity)"),
         "attention_entropy": (list(AGGREGATION_TASKS), list(LOOKUP_TASKS), "aggregation tasks (counting, majority)"),
-        "head_usage": ([rare_task] if rare_task else [], [t for t in tasks if t != rare_task], f"{rare_task} (leans most on rarely used heads)"),
+        "head_usage": ([rare_task] if rare_task else [], [t for t in tasks if t != rare_task], f"{rare_task} (leans most on rarely used heads)" if rare_task
+                       else "the task that leans most on rarely used heads"),
     }
     out = []
     for c, (hurt, other, what) in hypotheses.items():
@@ -172,14 +201,23 @@ def where_it_hurts(sweeps: pd.DataFrame, chosen: pd.DataFrame, tasks: Sequence[s
         if c not in weights:
             out.append(untestable("where it hurts", claim, f"no chosen weight for {c}"))
             continue
+        if c == "head_usage" and rare_task is None:
+            out.append(untestable("where it hurts", claim, "no task leaning on rarely used heads was found (it needs a "
+                                  "finished baseline model and two tasks)"))
+            continue
         if not hurt or not other:
             missing = "the named tasks" if not hurt else "tasks to compare with"
             out.append(untestable("where it hurts", claim, f"this profile trains {', '.join(tasks)}: {missing} missing"))
             continue
         runs = sweeps[sweeps["sweep"] == c]
-        m, lo, hi = mean_ci(_task_gap(runs, weights[c], hurt, other))
+        # A diverged run records no per-task accuracy: NaN, so its seed drops out of the pairs.
+        runs = runs.reindex(columns=[*runs.columns, *[f"test_acc/{t}" for t in tasks if f"test_acc/{t}" not in runs]])
+        gap = _task_gap(runs, weights[c], hurt, other)
+        m, lo, hi = mean_ci(gap)
+        n = int(np.isfinite(gap).sum())
         out.append(row("where it hurts", claim, m, lo, hi, verdict(lo, hi, -1, margin),
-                       f"accuracy change on {'+'.join(hurt)} minus on {'+'.join(other)} at weight {weights[c]:g}, paired by seed"))
+                       f"accuracy change on {'+'.join(hurt)} minus on {'+'.join(other)} at weight {weights[c]:g}, paired over {n} seeds",
+                       _join(left_out(runs[runs["weight"].isin([weights[c], 0])]), "no seed with both runs finished" if n == 0 else "")))
     return out
 
 
