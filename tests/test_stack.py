@@ -3,14 +3,13 @@ reproducible, resumable after a kill, and a diverging run is frozen while the ot
 
 import json
 import math
-import statistics
+import time
 
 import pandas as pd
 import pytest
 import torch
 from numerics import tol
 
-from disentangle import stack as stack_mod
 from disentangle import train as T
 from disentangle.config import RunConfig, run_hash
 from disentangle.stack import _Stack, plan, stack_key
@@ -170,7 +169,11 @@ def _grid(cfgs, cache, **kw):
 def test_stacked_and_solo_grids_agree_on_8_seeds_and_repeat_bit_identically(tmp_path):
     cfgs = [tiny(seed=s, **{"train.steps": 120, "train.eval_every": 40}) for s in range(8)]
     solo, _ = _grid(cfgs, tmp_path / "solo", stacked=False)
+    started = time.perf_counter()
     stacked, hist = _grid(cfgs, tmp_path / "stacked")  # the default
+    elapsed = time.perf_counter() - started
+    # Each run's wall time is its share of the stack's, so they add up to no more than the grid took.
+    assert (stacked["wall_time"] > 0).all() and stacked["wall_time"].sum() <= elapsed
     again, hist2 = _grid(cfgs, tmp_path / "again", stacked=True)
     assert (stacked["status"] == "finished").all()
     info = json.loads((tmp_path / "stacked" / stacked.run_id[0] / "result.json").read_text())["info"]

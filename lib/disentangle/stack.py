@@ -21,8 +21,9 @@ Nothing is read back from the device between evaluations: running losses accumul
 Which runs stack (:func:`stack_key` is None otherwise, and the run trains alone exactly as before): softmax
 attention without Hopfield memory (entmax's and the Hopfield iteration's data-dependent control flow do not
 run under ``vmap``), no dropout (random draws under ``vmap`` would differ from the same run alone), and no arm
-with a trained state that does not declare its ``objective`` (the registry's MI arm does). Runs that stack are equal to the same runs trained alone up to float rounding (the batched matmuls sum
-in another order, the batch is padded to the stack's longest sequence): tested per step in
+with a trained state that does not declare its ``objective`` (the registry's MI arm does). Runs that stack
+are equal to the same runs trained alone up to float rounding (the batched matmuls sum in another order,
+attention takes the explicit path, the batch is padded to the stack's longest sequence): tested per step in
 ``tests/test_stack.py``; which runs shared the stack is recorded in ``result.json`` (``info.stack``).
 """
 
@@ -44,6 +45,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from . import arms as arms_mod
 from .config import RunConfig, run_hash
 from .constraints import no_diagnostics
+
 
 def stack_key(cfg: RunConfig) -> str | None:
     """What runs must share to train in one stack (a JSON string), or None when ``cfg`` trains alone."""
@@ -320,7 +322,8 @@ class _Stack:
         for i, run in enumerate(self.runs):
             if self.done[i]:
                 continue
-            run.elapsed += share
+            run.elapsed += share  # its share of the stack's time; _Training adds perf_counter() - t0 to it
+            run.t0 = time.perf_counter()
             run.info["stack"] = self.info
             if not alive[i]:  # diverged since the last evaluation: it stopped before that step's update
                 run.step_no = diverged_at[i]
