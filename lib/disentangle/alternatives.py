@@ -35,7 +35,7 @@ from .train import run as cached_run
 ALTERNATIVES = tuple(n for n, a in REGISTRY.items() if a.kind == "architecture")
 # The fields each arm's sweep may vary (dotted RunConfig fields; the full profile sweeps them).
 SWEEPABLE: dict[str, tuple[str, ...]] = {
-    "routed_heads": ("model.routed_top_k", "model.shared_heads", "model.routing_balance"),
+    "routed_heads": ("model.routed_top_k", "model.shared_heads", "model.routing_balance"),  # k, shared heads
     "hopfield": ("model.hopfield_beta", "model.hopfield_patterns", "model.hopfield_steps"),
     "entmax15": (),
     "entmax_alpha": ("model.entmax_alpha",),
@@ -53,10 +53,19 @@ class Point:
     changes: tuple[tuple[str, Any], ...] = ()
 
 
-def points(arms: Sequence[str], sweeps: Mapping[str, Mapping[str, Sequence]] | None = None) -> list[Point]:
-    """The baseline, each arm at its own setting, and each swept value of each arm (a value equal to the
+def points(arms: Sequence[str], sweeps: Mapping[str, Mapping[str, Sequence]] | None = None,
+           settings: Mapping[str, Mapping[str, Any]] | None = None) -> list[Point]:
+    """The baseline, each arm at its own setting (the registry's, with ``settings[arm]`` replacing some of
+    its fields, e.g. for a model with fewer heads), and each swept value of each arm (a value equal to the
     arm's own setting is that point, not a second one). Every bad name or value is reported at once."""
     problems = [f"arms: {a!r} is not an architectural arm (allowed: {list(ALTERNATIVES)})" for a in arms if a not in ALTERNATIVES]
+    settings = dict(settings or {})
+    for arm, fields in settings.items():
+        if arm not in arms or not isinstance(fields, Mapping):
+            problems.append(f"settings: {arm!r} must be one of the arms trained here ({list(arms)}) mapped to dotted fields")
+            continue
+        problems += [f"settings.{arm}: {name!r} is not a field of this arm (allowed: {list(SWEEPABLE.get(arm, ()))})"
+                     for name in fields if name not in SWEEPABLE.get(arm, ())]
     sweeps = dict(sweeps or {})
     for arm, fields in sweeps.items():
         if arm not in arms:
@@ -72,23 +81,23 @@ def points(arms: Sequence[str], sweeps: Mapping[str, Mapping[str, Sequence]] | N
                 problems.append(f"sweeps.{arm}.{name}={values!r} must be a non-empty list of values")
     if problems:
         raise ConfigError(problems)
-    out = [Point(BASELINE)] + [Point(a) for a in arms]
+    out = [Point(BASELINE)] + [Point(a, "", tuple(settings.get(a, {}).items())) for a in arms]
     for arm, fields in sweeps.items():
-        own = get_arm(arm).apply(RunConfig()).to_dict()
+        base = tuple(settings.get(arm, {}).items())
+        own = RunConfig().replace(**{**get_arm(arm).changes, **dict(base)}).to_dict()
         for name, values in fields.items():
             section, key = name.split(".", 1)
             for v in values:
                 if own[section][key] != v:
-                    out.append(Point(arm, f"{key}={v:g}" if isinstance(v, (int, float)) else f"{key}={v}", ((name, v),)))
+                    text = f"{key}={v:g}" if isinstance(v, (int, float)) else f"{key}={v}"
+                    out.append(Point(arm, text, (*[c for c in base if c[0] != name], (name, v))))
     return out
 
 
 def config(study: Study, point: Point, seed: int) -> RunConfig:
     """The study's base config with the point's arm on, its sweep changes and ``seed``."""
-    cfg = study.base.replace(seed=seed)
-    if point.arm != BASELINE:
-        cfg = get_arm(point.arm).apply(cfg)
-    return cfg.replace(**dict(point.changes)) if point.changes else cfg
+    changes = {} if point.arm == BASELINE else dict(get_arm(point.arm).changes)
+    return study.base.replace(seed=seed, **{**changes, **dict(point.changes)})  # one replace: validated once, as a whole
 
 
 def train(study: Study, pts: Sequence[Point], seeds: Sequence[int], desc: str = "alternatives"):
@@ -103,6 +112,14 @@ def train(study: Study, pts: Sequence[Point], seeds: Sequence[int], desc: str = 
     results = Results((p.arm, 0.0 if p.arm == BASELINE else math.nan, s, cached_run(c, study.cache_dir)) for p, s, c in todo)
     results.settings = [p.setting for p, _, _ in todo]
     return runs, results
+
+
+def frame(results: Results) -> pd.DataFrame:
+    """The run frame of ``results`` (as :func:`train` returns for its own): one row per run."""
+    settings = getattr(results, "settings", [""] * len(results))
+    rows = [{**r.row(), "constraint": arm, "weight": w, "setting": setting, "seed": seed}
+            for (arm, w, seed, r), setting in zip(results, settings)]
+    return pd.DataFrame(rows)
 
 
 class Results(list):
@@ -243,5 +260,5 @@ def summary(models: pd.DataFrame, measures: Sequence[str], by: Sequence[str] = (
     return pd.DataFrame(rows)
 
 
-__all__ = ["ALTERNATIVES", "FACTORS", "HEAD_MEASURES", "Point", "Results", "SWEEPABLE", "config", "model_frames",
+__all__ = ["ALTERNATIVES", "FACTORS", "HEAD_MEASURES", "Point", "Results", "SWEEPABLE", "config", "frame", "model_frames",
            "per_model", "points", "summary", "train"]
