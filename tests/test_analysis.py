@@ -631,3 +631,14 @@ def test_attention_zeros_none_for_softmax_some_for_entmax(data, split):
     sparse = A.attention_zeros(model, split)
     assert len(sparse) == len(soft) and (sparse["zero_share"] > 0).any()
     assert ((sparse["zero_share"] >= 0) & (sparse["zero_share"] < 1)).all()  # each row keeps at least one key
+
+
+def test_routing_and_attractor_statistics_do_not_depend_on_the_batching(data, split):
+    # batches are trimmed to their longest story; statistics over several batches equal those over one
+    routed = tiny_model(data, routed_top_k=1, shared_heads=1)
+    one = A.routing_stats(routed, split, data.vocab, tasks=data.tasks, batch_size=len(split))
+    many = A.routing_stats(routed, split, data.vocab, tasks=data.tasks, batch_size=7)
+    pd.testing.assert_frame_equal(one, many)
+    hop = tiny_model(data, hopfield_patterns=4, hopfield_beta=20.0)
+    pd.testing.assert_frame_equal(A.attractor_factors(hop, split, data.vocab, batch_size=len(split)),
+                                  A.attractor_factors(hop, split, data.vocab, batch_size=7))

@@ -66,6 +66,7 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import stats
 from .constraints import _EPS, CLUB, _BatchedMLP, _pairs, _standardise, infonce_bound, normalised_row_entropy, pooled_heads
@@ -1075,8 +1076,9 @@ def routing_stats(
     with _eval_mode(model):
         for b in iter_batches(split, batch_size, device):
             out = model(b["tokens"], b["padding_mask"], capture="gates", segments=b["segments"])
-            for layer in layer_ids:
-                gates[layer].append(out.gates[layer].float().cpu())  # (B, H, T)
+            for layer in layer_ids:  # batches are trimmed to their longest story: pad back to the split's length
+                g = out.gates[layer].float().cpu()  # (B, H, T_batch)
+                gates[layer].append(F.pad(g, (0, split.tokens.shape[1] - g.shape[-1])))
     real = ~split.padding_mask.numpy()
     task_of_token = np.broadcast_to(np.array(names, dtype=object)[split.task_ids.numpy()][:, None], real.shape)
     rows = []
@@ -1140,8 +1142,9 @@ def attractor_factors(
     with _eval_mode(model):
         for b in iter_batches(split, batch_size, device):
             out = model(b["tokens"], b["padding_mask"], capture="attractors", segments=b["segments"])
-            for layer in layer_ids:
-                found[layer].append(out.attractors[layer].cpu())
+            for layer in layer_ids:  # padded back to the split's length, with "no memory" (never an entity token)
+                a = out.attractors[layer].cpu()  # (B, T_batch)
+                found[layer].append(F.pad(a, (0, split.tokens.shape[1] - a.shape[-1]), value=-2))
     rows = []
     for layer in layer_ids:
         a = torch.cat(found[layer]).numpy()[entity]
