@@ -169,12 +169,73 @@ def _probes(factors: Sequence[str]):
     return compute
 
 
-def model_frames(results: Results, probe_factors: Sequence[str] = ()) -> dict[str, pd.DataFrame]:
+def _derivations(result, arm: str, probe_factors: Sequence[str]) -> list[tuple[str, Any]]:
+    """(derived name, compute) of every per-model frame this model needs, in :func:`model_frames`' order."""
+    from .study import _head_frames_of_model
+
+    todo = [("head_frames_v1", _head_frames_of_model), ("attention_zeros_v1", _zeros), ("similarity_offdiag_v1", _similarity)]
+    if arm in (BASELINE, "routed_heads"):
+        todo.append(("routing_v1", _routing))
+    if result.config.model.hopfield_patterns:
+        todo.append(("attractors_v1", _attractors))
+    if result.config.model.attention == "entmax_alpha":
+        todo.append(("alphas_v1", _alphas))
+    if probe_factors:
+        todo.append(("probes_v1", _probes(probe_factors)))
+    return todo
+
+
+def _derive_in_worker(cfg_dict: dict, cache_dir: str | None, arm: str, probe_factors: list[str]) -> str | None:
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = cached_run(RunConfig.from_dict(cfg_dict), cache_dir)
+        for name, compute in _derivations(result, arm, probe_factors):
+            result.derived(name, compute)
+        return None
+    except Exception:
+        return traceback.format_exc()
+
+
+def derive(results: Results, probe_factors: Sequence[str] = (), probe_seeds: Sequence[int] | None = None,
+           n_jobs: int | None = None, cache_dir=None) -> None:
+    """Compute every finished model's per-model frames (see :func:`model_frames`) in ``n_jobs`` worker processes
+    (the training pool; one per core by default), so the analyses of many models use every core; each is kept
+    with its run, and :func:`model_frames` then only loads them. Probes only for ``probe_seeds`` (None: all)."""
+    import os
+
+    from .train import _worker_pool
+
+    todo = []
+    for arm, _, seed, result in results:
+        if result.status != "finished":
+            continue
+        factors = list(probe_factors) if probe_seeds is None or seed in probe_seeds else []
+        missing = [n for n, _ in _derivations(result, arm, factors) if not (result.path / "derived" / f"{n}.pt").exists()]
+        if missing:
+            todo.append((result.config.to_dict(), str(cache_dir) if cache_dir else None, arm, factors))
+    if not todo:
+        return
+    n = n_jobs or os.cpu_count() or 1
+    if n == 1 or len(todo) == 1:
+        errors = [_derive_in_worker(*t) for t in todo]
+    else:
+        pool = _worker_pool(n)
+        errors = [f.result() for f in [pool.submit(_derive_in_worker, *t) for t in todo]]
+    errors = [e for e in errors if e]
+    if errors:
+        raise RuntimeError(f"{len(errors)} per-model analyses failed; the first:\n{errors[0]}")
+
+
+def model_frames(results: Results, probe_factors: Sequence[str] = (), probe_seeds: Sequence[int] | None = None) -> dict[str, pd.DataFrame]:
     """Per-head and per-model frames of every finished model, tagged with ``model``, ``constraint``,
     ``weight``, ``seed`` and ``setting``: ``metrics`` / ``importance`` / ``usage`` (as section 07), ``zeros``
     (exact-zero attention), ``similarity`` (mean off-diagonal head similarity per layer), ``routing`` (the
     baseline and routed models), ``attractors`` (Hopfield models), ``alphas`` (learned-alpha models) and
-    ``probes`` (when ``probe_factors`` are given)."""
+    ``probes`` (when ``probe_factors`` are given; only for ``probe_seeds``, None = every seed)."""
     settings = getattr(results, "settings", [""] * len(results))
     frames = collect_head_frames(results, setting=settings)
     parts: dict[str, list[pd.DataFrame]] = {}
@@ -194,7 +255,7 @@ def model_frames(results: Results, probe_factors: Sequence[str] = ()) -> dict[st
             add("attractors", result.derived("attractors_v1", _attractors), *tags)
         if result.config.model.attention == "entmax_alpha":
             add("alphas", result.derived("alphas_v1", _alphas), *tags)
-        if probe_factors:
+        if probe_factors and (probe_seeds is None or seed in probe_seeds):
             add("probes", result.derived("probes_v1", _probes(probe_factors)), *tags)
     frames.update({name: pd.concat(p, ignore_index=True) for name, p in parts.items()})
     return frames
@@ -260,5 +321,5 @@ def summary(models: pd.DataFrame, measures: Sequence[str], by: Sequence[str] = (
     return pd.DataFrame(rows)
 
 
-__all__ = ["ALTERNATIVES", "FACTORS", "HEAD_MEASURES", "Point", "Results", "SWEEPABLE", "config", "frame", "model_frames",
+__all__ = ["ALTERNATIVES", "FACTORS", "HEAD_MEASURES", "Point", "Results", "SWEEPABLE", "config", "derive", "frame", "model_frames",
            "per_model", "points", "summary", "train"]
