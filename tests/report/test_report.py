@@ -260,3 +260,28 @@ def test_every_profile_builds_valid_run_configs(name):
             for constraint, weights in study.sweep_weights.items():
                 study.config(constraint, max(weights), 0, **data_changes(p["babi_dir"], p["babi_tasks"],
                                                                          p["babi_max_sentences"], p["babi_steps"]))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "params").glob("*.yaml")))
+def test_every_profile_builds_valid_alternative_configs(name):
+    """Section 11's arms, settings and sweeps under each profile (full's sweeps included) are valid runs: the
+    routed heads fit the profile's heads, every swept value is a valid model, and the default keeps 5 seeds."""
+    from disentangle import alternatives as alt
+    from disentangle.config import run_hash
+    from disentangle.report.run import all_sections, load_profile, plan
+    from disentangle.study import Study
+
+    declared = papermill.inspect_notebook(str(REPO / "notebooks" / "11_alternatives.ipynb"))
+    p = {**{k: ast.literal_eval(v["default"]) for k, v in declared.items()},  # the notebook's defaults, then the profile's
+         **plan(name, load_profile(name), [s for s in all_sections() if s.name == "11_alternatives"])["11_alternatives"]}
+    study = Study.from_parameters(model=p["model"], data=p["data"], train={**p["train"], **p.get("alt_train", {})},
+                                  seeds=p["alt_seeds"], sweep_weights=p["sweep_weights"], variants=p.get("variants"))
+    points = alt.points(p["alt_arms"], p.get("alt_sweeps"), p.get("alt_settings"))
+    configs = [alt.config(study, pt, s) for pt in points for s in p["alt_seeds"]]
+    assert len({run_hash(c) for c in configs}) == len(configs)  # no point trains another's run
+    assert sum(pt.setting == "" for pt in points) == 1 + len(p["alt_arms"])
+    if name == "default":
+        assert len(p["alt_seeds"]) >= 5 and not p.get("alt_sweeps") and not p.get("alt_train")
+        assert alt.config(study, alt.Point("baseline"), 0) == study.config(seed=0)  # the baseline is 01's
+    if name == "full":
+        assert set(p["alt_sweeps"]) == {"routed_heads", "hopfield", "entmax_alpha"}
