@@ -611,8 +611,34 @@ def test_attractor_factors_are_nmi_and_purity_over_entity_tokens(data, split):
 
 def test_factor_scores_known_values():
     one_to_one = A.factor_scores(np.array([0, 0, 1, 1]), np.array(["x", "x", "y", "y"]))
-    assert one_to_one == pytest.approx({"nmi": 1.0, "purity": 1.0})
+    assert one_to_one == pytest.approx({"nmi": 1.0, "ami": 1.0, "purity": 1.0})
     lumped = A.factor_scores(np.array([0, 0, 0, 0]), np.array(["x", "x", "x", "y"]))
-    assert lumped == pytest.approx({"nmi": 0.0, "purity": 0.75})
+    assert lumped == pytest.approx({"nmi": 0.0, "ami": 0.0, "purity": 0.75})
     split_ = A.factor_scores(np.array([0, 1, 2, 3]), np.array(["x", "x", "y", "y"]))
     assert split_["purity"] == 1.0 and 0 < split_["nmi"] < 1  # pure but not one-to-one
+    # one cluster per token: NMI 2/3 (it grows with the number of clusters), chance-adjusted 0 or below
+    assert split_["nmi"] == pytest.approx(2 / 3) and split_["ami"] <= 1e-12
+
+
+def test_attention_zeros_none_for_softmax_some_for_entmax(data, split):
+    soft = A.attention_zeros(tiny_model(data), split)
+    assert (soft["zero_share"] == 0).all() and (soft["zero_share_cls"] == 0).all()
+    model = tiny_model(data, attention="entmax15")
+    with torch.no_grad():  # spread the scores so entmax has keys to set to 0
+        for block in model.blocks:
+            block.attn.W_Q.mul_(30.0)
+            block.attn.W_K.mul_(30.0)
+    sparse = A.attention_zeros(model, split)
+    assert len(sparse) == len(soft) and (sparse["zero_share"] > 0).any()
+    assert ((sparse["zero_share"] >= 0) & (sparse["zero_share"] < 1)).all()  # each row keeps at least one key
+
+
+def test_routing_and_attractor_statistics_do_not_depend_on_the_batching(data, split):
+    # batches are trimmed to their longest story; statistics over several batches equal those over one
+    routed = tiny_model(data, routed_top_k=1, shared_heads=1)
+    one = A.routing_stats(routed, split, data.vocab, tasks=data.tasks, batch_size=len(split))
+    many = A.routing_stats(routed, split, data.vocab, tasks=data.tasks, batch_size=7)
+    pd.testing.assert_frame_equal(one, many)
+    hop = tiny_model(data, hopfield_patterns=4, hopfield_beta=20.0)
+    pd.testing.assert_frame_equal(A.attractor_factors(hop, split, data.vocab, batch_size=len(split)),
+                                  A.attractor_factors(hop, split, data.vocab, batch_size=7))

@@ -99,3 +99,22 @@ def test_fields_added_later_leave_existing_hashes_alone_until_set():
     published = base.replace(**{"constraints.attention_entropy_variant": "published"})
     assert published.hash_dict()["constraints"]["attention_entropy_variant"] == "published"
     assert run_hash(published) != run_hash(base)
+
+
+def test_the_architectural_arms_are_valid_configs_that_change_only_the_model():
+    base = RunConfig()
+    names = [n for n, a in arms.ARMS.items() if a.kind == "architecture"]
+    assert names == ["routed_heads", "hopfield", "entmax15", "entmax_alpha"]
+    hashes = {run_hash(base)}
+    for name in names:
+        cfg = arms.get(name).apply(base)
+        assert cfg.constraints == base.constraints and cfg.data == base.data and cfg.train == base.train, name
+        assert cfg.model != base.model and RunConfig.from_dict(cfg.to_dict()) == cfg, name
+        hashes.add(run_hash(cfg))
+        assert arms.label(name, float("nan")) == arms.get(name).label  # no weight shown: they have none
+        assert arms.get(name).formula().startswith("**")
+    assert len(hashes) == len(names) + 1 and run_hash(base) == "87cc305985f7c0a2"  # the default run is unchanged
+    routed = arms.get("routed_heads").apply(base).model
+    assert (routed.routed_top_k, routed.shared_heads, routed.routing_balance) == (3, 2, 0.01)
+    assert arms.get("hopfield").apply(base).model.hopfield_patterns == 32
+    assert "entmax_alpha" not in base.hash_dict()["model"]  # added later: out of the hash at its default

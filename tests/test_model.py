@@ -640,3 +640,50 @@ def test_hopfield_blocks_capture_attractors_train_the_patterns_and_bad_settings_
                         (dict(hopfield_steps=0), r"hopfield_steps=0 must be > 0")]:
         with pytest.raises(ConfigError, match=message):
             make_cfg(**{"hopfield_patterns": 8, **kw})
+
+
+# ---------------------------------------------------------------- every architectural arm: gradients and settings
+
+
+@pytest.mark.parametrize("kw, own", [
+    (dict(routed_top_k=2, shared_heads=2), ("W_route", "W_shared", "W_mix")),
+    (dict(routed_top_k=1), ("W_route",)),
+    (dict(hopfield_patterns=6, hopfield_beta=2.0), ("memory.patterns", "memory.out.weight")),
+    (dict(attention="entmax15"), ()),
+    (dict(attention="entmax_alpha", entmax_alpha=1.25), ("alpha_logit",)),
+], ids=["routed-shared", "routed-k1", "hopfield", "entmax15", "entmax-alpha"])
+def test_every_parameter_of_every_arm_gets_a_finite_gradient(kw, own):
+    model = model_for(make_cfg(pos_encoding="learned", **kw)).train()
+    tokens, padding = batch(B=6, T=12)
+    out = model(tokens, padding)
+    loss = F.cross_entropy(out.logits, torch.arange(6) % C) + sum(out.aux.values())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for suffix in own:  # the arm's own parameters learn, in every layer that has them
+        grads = [p.grad for name, p in model.named_parameters() if name.endswith(suffix)]
+        assert grads and all(g.abs().sum() > 0 for g in grads), suffix
+
+
+def test_learned_alpha_starts_where_asked_and_alpha_outside_one_two_is_named():
+    model = Encoder(make_cfg(attention="entmax_alpha", entmax_alpha=1.25))
+    for block in model.blocks:
+        torch.testing.assert_close(block.attn.alpha, torch.full((4,), 1.25))
+    torch.manual_seed(0)
+    default = Encoder(make_cfg(attention="entmax_alpha"))
+    assert all(torch.equal(b.attn.alpha_logit, torch.zeros(4)) for b in default.blocks)  # 1.5: logit exactly 0
+    for alpha in (1.0, 0.5, 2.0):
+        with pytest.raises(ConfigError, match=rf"entmax_alpha={alpha} must be in \(1, 2\)"):
+            make_cfg(attention="entmax_alpha", entmax_alpha=alpha)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(routed_top_k=9), r"routed_top_k=9 must be <= the routed heads, n_heads - shared_heads = 4"),  # k > heads
+    (dict(hopfield_patterns=4, hopfield_beta=-1.0), r"hopfield_beta=-1.0 must be > 0"),  # beta <= 0
+    (dict(hopfield_patterns=-3), r"hopfield_patterns=-3 must be >= 0"),  # M < 1 (0 = no memory)
+    (dict(hopfield_patterns=4, hopfield_tol=0.0), r"hopfield_tol=0.0 must be > 0"),
+    (dict(routing_balance=-0.01), r"routing_balance=-0.01 must be >= 0"),
+])
+def test_bad_arm_settings_name_the_field(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(**kw)

@@ -66,6 +66,7 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import stats
 from .constraints import _EPS, CLUB, _BatchedMLP, _pairs, _standardise, infonce_bound, normalised_row_entropy, pooled_heads
@@ -1077,8 +1078,9 @@ def routing_stats(
     with _eval_mode(model):
         for b in iter_batches(split, batch_size, device):
             out = model(b["tokens"], b["padding_mask"], capture="gates", segments=b["segments"])
-            for layer in layer_ids:
-                gates[layer].append(out.gates[layer].float().cpu())  # (B, H, T)
+            for layer in layer_ids:  # batches are trimmed to their longest story: pad back to the split's length
+                g = out.gates[layer].float().cpu()  # (B, H, T_batch)
+                gates[layer].append(F.pad(g, (0, split.tokens.shape[1] - g.shape[-1])))
     real = ~split.padding_mask.numpy()
     task_of_token = np.broadcast_to(np.array(names, dtype=object)[split.task_ids.numpy()][:, None], real.shape)
     rows = []
@@ -1142,8 +1144,9 @@ def attractor_factors(
     with _eval_mode(model):
         for b in iter_batches(split, batch_size, device):
             out = model(b["tokens"], b["padding_mask"], capture="attractors", segments=b["segments"])
-            for layer in layer_ids:
-                found[layer].append(out.attractors[layer].cpu())
+            for layer in layer_ids:  # padded back to the split's length, with "no memory" (never an entity token)
+                a = out.attractors[layer].cpu()  # (B, T_batch)
+                found[layer].append(F.pad(a, (0, split.tokens.shape[1] - a.shape[-1]), value=-2))
     rows = []
     for layer in layer_ids:
         a = torch.cat(found[layer]).numpy()[entity]
@@ -1155,14 +1158,46 @@ def attractor_factors(
 
 
 def factor_scores(assigned: np.ndarray, values: np.ndarray) -> dict[str, float]:
-    """``nmi`` (scikit-learn's, arithmetic normalisation) and ``purity`` = Σ over clusters of the count of
-    their most common value / N, of a clustering ``assigned`` against ground-truth ``values``."""
-    from sklearn.metrics import normalized_mutual_info_score
+    """``nmi`` (scikit-learn's, arithmetic normalisation), ``ami`` (the same, adjusted for chance: 0 is what
+    a random clustering of the same cluster sizes scores in expectation, 1 one-to-one; NMI alone grows with
+    the number of clusters) and ``purity`` = Σ over clusters of the count of their most common value / N, of
+    a clustering ``assigned`` against ground-truth ``values``."""
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
     if len(assigned) == 0:
-        return {"nmi": math.nan, "purity": math.nan}
+        return {"nmi": math.nan, "ami": math.nan, "purity": math.nan}
     table = pd.crosstab(assigned, values)
-    return {"nmi": float(normalized_mutual_info_score(values, assigned)), "purity": float(table.max(axis=1).sum() / len(assigned))}
+    return {"nmi": float(normalized_mutual_info_score(values, assigned)),
+            "ami": float(adjusted_mutual_info_score(values, assigned)),
+            "purity": float(table.max(axis=1).sum() / len(assigned))}
+
+
+@torch.no_grad()
+def attention_zeros(model: Encoder, split: Split, layers: Iterable[int] | None = None, batch_size: int = 256) -> pd.DataFrame:
+    """Sparsity by construction: per (layer, head), ``zero_share`` = the share of real keys a real query gives
+    exactly 0 attention (mean over real queries of every example), ``zero_share_cls`` the same for the readout
+    query. Softmax never gives an exact 0 (0 for every softmax model); entmax does."""
+    layer_ids = _layers(model, layers)
+    device = _device(model)
+    H = model.cfg.n_heads
+    sums = {layer: torch.zeros(2, H, dtype=torch.float64) for layer in layer_ids}
+    n_rows = torch.zeros((), dtype=torch.float64)
+    n_ex = 0
+    with _eval_mode(model):
+        for b in iter_batches(split, batch_size, device):
+            out = model(b["tokens"], b["padding_mask"], capture="attn", segments=b["segments"])
+            real = (~b["padding_mask"]).float()  # (B, T)
+            n = real.sum(1)  # (B,)
+            for layer in layer_ids:
+                zero = ((out.attn[layer] == 0).float() * real[:, None, None, :]).sum(-1) / n[:, None, None]  # (B, H, T)
+                rows = (zero * real[:, None, :]).sum((0, 2))  # (H,) over real queries
+                sums[layer][0] += rows.double().cpu()
+                sums[layer][1] += zero[:, :, 0].sum(0).double().cpu()
+            n_rows += real.sum().double().cpu()
+            n_ex += len(b["tokens"])
+    return pd.DataFrame([{"layer": layer, "head": h, "zero_share": float(sums[layer][0, h] / n_rows),
+                          "zero_share_cls": float(sums[layer][1, h] / max(n_ex, 1))}
+                         for layer in layer_ids for h in range(H)])
 
 
 # ------------------------------------------------------------------------- post-hoc mutual information

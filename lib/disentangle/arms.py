@@ -295,12 +295,14 @@ def names() -> tuple[str, ...]:
 
 def label(name: str, weight: float | None = None) -> str:
     """Display name of an arm (names not in the registry, e.g. a combination "a+b", as they are), with
-    its weight when given: ``label("head_usage", 0.3)`` -> ``'head usage (w=0.3)'``; the baseline never
-    shows a weight."""
+    its weight when given: ``label("head_usage", 0.3)`` -> ``'head usage (w=0.3)'``; the baseline and the
+    architectural arms (which have no weight) never show one."""
     if name == BASELINE:
         return BASELINE
     text = ARMS[name].label if name in ARMS else name
-    return text if weight is None else f"{text} (w={weight:g})"
+    if weight is None or (name in ARMS and ARMS[name].kind == "architecture"):
+        return text
+    return f"{text} (w={weight:g})"
 
 
 def colour(name: str) -> str:

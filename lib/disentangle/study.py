@@ -356,33 +356,42 @@ def arm_results(study: Study, retain: float = 0.5) -> list[tuple[str, float, int
     return [(arm, w, s, cached_run(cfg, study.cache_dir)) for arm, w, s, cfg in configs]
 
 
-def head_frames(study: Study, retain: float = 0.5) -> dict[str, pd.DataFrame]:
-    """Per-head attention metrics, ablation importance and usage of every model of :func:`arm_results`,
-    concatenated with ``model`` (run id), ``constraint`` (arm), ``weight`` and ``seed`` columns.
-
-    Each model's frames are computed once and kept with its run (``RunResult.derived``), so sections 07
-    and 08 share them.
-    """
+def _head_frames_of_model(result) -> dict[str, pd.DataFrame]:
     from . import analysis
 
-    def compute(result) -> dict[str, pd.DataFrame]:
-        model, data = result.load_model(), result.data()
-        test = data.splits["test"]
-        return {
-            "metrics": analysis.head_attention_metrics(model, test, data, tasks=data.tasks),
-            "importance": analysis.head_importance(model, test, data.tasks),
-            "usage": analysis.head_usage(model, test, tasks=data.tasks),
-        }
+    model, data = result.load_model(), result.data()
+    test = data.splits["test"]
+    return {
+        "metrics": analysis.head_attention_metrics(model, test, data, tasks=data.tasks),
+        "importance": analysis.head_importance(model, test, data.tasks),
+        "usage": analysis.head_usage(model, test, tasks=data.tasks),
+    }
 
+
+def collect_head_frames(arm_runs, **tags) -> dict[str, pd.DataFrame]:
+    """Per-head attention metrics, ablation importance and usage of every finished model of ``arm_runs``
+    (rows ``(arm, weight, seed, RunResult)``), concatenated with ``model`` (run id), ``constraint`` (arm),
+    ``weight`` and ``seed`` columns (and any ``tags``, e.g. a per-row list under ``setting=``).
+
+    Each model's frames are computed once and kept with its run (``RunResult.derived``), so sections 07,
+    08 and 11 share them.
+    """
     frames: dict[str, list[pd.DataFrame]] = {}
-    for arm, weight, seed, result in arm_results(study, retain):
+    for i, (arm, weight, seed, result) in enumerate(arm_runs):
         if result.status != "finished":
             continue
-        for name, frame in result.derived("head_frames_v1", compute).items():
-            frames.setdefault(name, []).append(frame.assign(model=result.run_id, constraint=arm, weight=weight, seed=seed))
+        extra = {k: v[i] for k, v in tags.items()}
+        for name, frame in result.derived("head_frames_v1", _head_frames_of_model).items():
+            frames.setdefault(name, []).append(frame.assign(model=result.run_id, constraint=arm, weight=weight, seed=seed, **extra))
     # Every key, even when no model finished (all diverged): empty frames, which the verdicts report as untestable.
     return {name: pd.concat(frames[name], ignore_index=True) if name in frames else pd.DataFrame()
             for name in ("metrics", "importance", "usage")}
+
+
+def head_frames(study: Study, retain: float = 0.5) -> dict[str, pd.DataFrame]:
+    """:func:`collect_head_frames` of every model of :func:`arm_results` (the baseline and each constraint
+    at its chosen weight, all seeds)."""
+    return collect_head_frames(arm_results(study, retain))
 
 
 # ------------------------------------------------------------------------- runs that did not finish

@@ -125,6 +125,17 @@ def test_recorded_numbers(quick):
     assert {f["group"] for f in findings} == {"accuracy cost", "capacity", "sparse vs correct", "where it hurts"}
     assert sum(f["group"] == "capacity" for f in findings) == len(profile["axes"])  # one claim per capacity axis
 
+    # 11: every alternative and its paired baseline over the section's seeds, four findings rows
+    alt = yaml.safe_load((REPO / "params" / "quick.yaml").read_text())["sections"]["11_alternatives"]
+    rec = results(quick, "11_alternatives")
+    arms = ["routed_heads", "hopfield", "entmax15", "entmax_alpha"]
+    assert {(r["constraint"], r["finished"]) for r in rec["status"]} == {(a, len(alt["alt_seeds"])) for a in ["baseline", *arms]}
+    assert {r["constraint"] for r in rec["measures"]} == {"baseline", *profile["sweep_weights"], *arms}
+    assert all(0 <= r["test"] <= 1 for r in rec["accuracy"] if r["constraint"] in arms)
+    assert [f["group"] for f in rec["findings"]] == ["alternatives"] * 4
+    index = (quick / "index.html").read_text()
+    assert "from 11_alternatives" in index and all(f["claim"].split("'")[0] in index for f in rec["findings"])  # escaped apostrophes
+
 
 @pytest.mark.slow
 def test_a_second_run_reuses_the_cache(quick, tmp_path):
@@ -308,3 +319,28 @@ def test_ctrl_c_during_a_real_notebook_marks_it_interrupted(toy_project, tmp_pat
 def test_ctrl_c_during_a_real_notebook_prints_no_traceback(toy_project, tmp_path):
     _, stderr, _ = _interrupt_a_real_notebook(toy_project, tmp_path)
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "params").glob("*.yaml")))
+def test_every_profile_builds_valid_alternative_configs(name):
+    """Section 11's arms, settings and sweeps under each profile (full's sweeps included) are valid runs: the
+    routed heads fit the profile's heads, every swept value is a valid model, and the default keeps 5 seeds."""
+    from disentangle import alternatives as alt
+    from disentangle.config import run_hash
+    from disentangle.report.run import all_sections, load_profile, plan
+    from disentangle.study import Study
+
+    declared = papermill.inspect_notebook(str(REPO / "notebooks" / "11_alternatives.ipynb"))
+    p = {**{k: ast.literal_eval(v["default"]) for k, v in declared.items()},  # the notebook's defaults, then the profile's
+         **plan(name, load_profile(name), [s for s in all_sections() if s.name == "11_alternatives"])["11_alternatives"]}
+    study = Study.from_parameters(model=p["model"], data=p["data"], train={**p["train"], **p.get("alt_train", {})},
+                                  seeds=p["alt_seeds"], sweep_weights=p["sweep_weights"], variants=p.get("variants"))
+    points = alt.points(p["alt_arms"], p.get("alt_sweeps"), p.get("alt_settings"))
+    configs = [alt.config(study, pt, s) for pt in points for s in p["alt_seeds"]]
+    assert len({run_hash(c) for c in configs}) == len(configs)  # no point trains another's run
+    assert sum(pt.setting == "" for pt in points) == 1 + len(p["alt_arms"])
+    if name == "default":
+        assert len(p["alt_seeds"]) >= 5 and not p.get("alt_sweeps") and not p.get("alt_train")
+        assert alt.config(study, alt.Point("baseline"), 0) == study.config(seed=0)  # the baseline is 01's
+    if name == "full":
+        assert set(p["alt_sweeps"]) == {"routed_heads", "hopfield", "entmax_alpha"}

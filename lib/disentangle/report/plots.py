@@ -428,3 +428,102 @@ def babi_support_mass(table: pd.DataFrame, tasks: Sequence[str], value: str = "s
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------ 11_alternatives
+
+
+def routing_heatmap(stats: pd.DataFrame) -> Figure:
+    """Routing frequency of each head (rows: (layer, head), shared heads marked) per task and per token role
+    (columns), one model: how often a token of that group is routed to the head. ``stats``:
+    ``analysis.routing_stats`` rows of one model (with a ``shared`` column)."""
+    panels = [b for b in ("task", "role") if (stats["by"] == b).any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 0.75 * sum(stats.loc[stats["by"] == b, "group"].nunique() for b in panels), 3.6),
+                             squeeze=False, gridspec_kw={"width_ratios": [max(1, stats.loc[stats["by"] == b, "group"].nunique()) for b in panels]})
+    for ax, by in zip(axes[0], panels):
+        g = stats[(stats["by"] == by) & (stats["group"] != "all")]
+        mat = g.pivot_table(index=["layer", "head"], columns="group", values="frequency")
+        shared = g.drop_duplicates(["layer", "head"]).set_index(["layer", "head"])["shared"].reindex(mat.index)
+        mat.index = [f"{layer}.{head}{' (shared)' if s else ''}" for (layer, head), s in zip(mat.index, shared)]
+        sns.heatmap(mat, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=mat.size <= 80, fmt=".2f",
+                    annot_kws={"fontsize": 6}, cbar=ax is axes[0, -1])
+        ax.set_title(f"by {by}", fontsize=9)
+        ax.set_xlabel("")
+        ax.set_ylabel("layer.head" if ax is axes[0, 0] else "")
+    fig.suptitle("Routing frequency: share of the group's tokens routed to each head (first seed)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def selectivity_bars(table: pd.DataFrame) -> Figure:
+    """Mean selectivity of the routed heads by task and by token role, per arm and setting, with 95%
+    intervals over seeds. ``table``: ``alternatives.summary`` rows with ``selectivity_task`` / ``_role``."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.0))
+    names = [label(c) + (f" {s}" if s else "") for c, s in zip(table["constraint"], table["setting"])]
+    x = np.arange(len(table))
+    for i, (by, col) in enumerate((("by task", "#4c72b0"), ("by token role", "#dd8452"))):
+        key = "selectivity_task" if by == "by task" else "selectivity_role"
+        v = table[key].to_numpy(float)
+        err = np.vstack([v - table[f"{key}_ci_low"].to_numpy(float), table[f"{key}_ci_high"].to_numpy(float) - v])
+        ax.bar(x - 0.2 + 0.4 * i, v, 0.4, color=col, label=by)
+        ax.errorbar(x - 0.2 + 0.4 * i, v, yerr=np.nan_to_num(np.abs(err)), fmt="none", ecolor="black", capsize=2, lw=0.8)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("selectivity (0 = used alike)")
+    ax.set_title("Do routed heads specialise by task or by token role?", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attractor_scores(table: pd.DataFrame, factors: Sequence[str]) -> Figure:
+    """NMI and chance-adjusted MI (AMI) of the Hopfield attractors against each factor, per setting, with
+    95% intervals over seeds. ``table``: ``alternatives.summary`` rows with ``nmi_<f>`` / ``ami_<f>``."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0), sharey=True)
+    for ax, score in zip(axes, ("nmi", "ami")):
+        x = np.arange(len(factors))
+        width = 0.8 / max(1, len(table))
+        for i, r in enumerate(table.itertuples()):
+            v = np.array([getattr(r, f"{score}_{f}", np.nan) for f in factors], float)
+            lo = np.array([getattr(r, f"{score}_{f}_ci_low", np.nan) for f in factors], float)
+            hi = np.array([getattr(r, f"{score}_{f}_ci_high", np.nan) for f in factors], float)
+            name = r.setting or "own setting"
+            ax.bar(x - 0.4 + width * (i + 0.5), v, width, color=plt.cm.viridis(i / max(1, len(table))), label=name)
+            ax.errorbar(x - 0.4 + width * (i + 0.5), v, yerr=np.nan_to_num(np.abs(np.vstack([v - lo, hi - v]))),
+                        fmt="none", ecolor="black", capsize=2, lw=0.8)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, factors)
+        ax.set_title(score.upper() + (" (0 = chance)" if score == "ami" else ""), fontsize=10)
+    axes[0].set_ylabel("attractors vs factor")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("How cleanly Hopfield attractors separate the story's factors (entity tokens)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def arm_plane(table: pd.DataFrame) -> Figure:
+    """Every arm on the plane of test accuracy (x) against support mass above chance (y), mean over seeds
+    with 95% intervals: the constraints at their chosen weights and the alternatives (section 11)."""
+    from .summary import plane
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plane(ax, table.to_dict("records"))
+    fig.tight_layout()
+    return fig
+
+
+def setting_curves(table: pd.DataFrame, arm: str, field: str, measure: str, ylabel: str) -> Figure:
+    """Test accuracy and the arm's own measure against one swept field (the arm's own setting included)."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.8))
+    t = table.sort_values("value")
+    for ax, (col, name) in zip(axes, (("test_acc", "test accuracy"), (measure, ylabel))):
+        v = t[col].to_numpy(float)
+        lo, hi = t[f"{col}_ci_low"].to_numpy(float), t[f"{col}_ci_high"].to_numpy(float)
+        ax.errorbar(t["value"].to_numpy(float), v, yerr=np.nan_to_num(np.abs(np.vstack([v - lo, hi - v]))), marker="o",
+                    color=colour(arm), capsize=3)
+        ax.set_xlabel(field)
+        ax.set_ylabel(name)
+        if (t["value"] > 0).all() and t["value"].max() / t["value"].min() > 8:
+            ax.set_xscale("log")
+    fig.suptitle(f"{label(arm)}: sweep of {field}", fontsize=10)
+    fig.tight_layout()
+    return fig

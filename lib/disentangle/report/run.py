@@ -262,7 +262,7 @@ _VERDICT_COLOURS = {"supported": "#d4edda", "not supported": "#f8d7da", "inconcl
 
 
 # Sections whose recorded "findings" rows make up the index's summary table, in this order.
-FINDINGS_SECTIONS = ("08_findings", "09_babi")
+FINDINGS_SECTIONS = ("08_findings", "09_babi", "11_alternatives")
 
 
 def _fmt_effect(r: dict) -> str:
@@ -289,8 +289,10 @@ def _findings_blocks(profile_name: str, runs: list[SectionRun]) -> list[dict]:
     return blocks
 
 
-# The section whose recorded ``arm_summary`` (summary.arm_table) the index draws at its top.
+# The section whose recorded ``arm_summary`` (summary.arm_table) the index draws at its top, and the sections
+# whose recorded arms join it (the alternatives of section 11, when it has run).
 SUMMARY_SECTION = "07_interpretability"
+SUMMARY_EXTRA_SECTIONS = ("11_alternatives",)
 
 
 def _summary(profile_name: str, blocks: list[dict]) -> dict | None:
@@ -303,12 +305,18 @@ def _summary(profile_name: str, blocks: list[dict]) -> dict | None:
     table = read_results(profile_name, SUMMARY_SECTION).get("arm_summary") or []
     if not table:
         return None
+    own, seen = len(table), {str(r.get("constraint")) for r in table}
+    for section in SUMMARY_EXTRA_SECTIONS:
+        extra = [r for r in read_results(profile_name, section).get("arm_summary") or [] if str(r.get("constraint")) not in seen]
+        table = [*table, *extra]
+        seen |= {str(r.get("constraint")) for r in extra}
     counts = summary.verdict_counts([r for b in blocks if not b["failed"] for r in b["rows"]])
     fig = summary.figure(table, counts)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return {"png": base64.b64encode(buf.getvalue()).decode("ascii"), "alt": summary.alt_text(table, counts),
-            "caption": f"Test accuracy against attention correctness for every arm (recorded by {SUMMARY_SECTION}), "
+            "caption": f"Test accuracy against attention correctness for every arm (recorded by {SUMMARY_SECTION}"
+                       + (f"; the alternatives by {', '.join(SUMMARY_EXTRA_SECTIONS)}" if len(table) > own else "") + "), "
                        "and how many findings below have each verdict."}
 
 

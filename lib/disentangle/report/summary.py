@@ -66,13 +66,9 @@ def _interval(row: Mapping, col: str) -> tuple[float, float]:
     return m - lo, hi - m
 
 
-def figure(table: Sequence[Mapping], counts: Mapping[str, int]) -> Figure:
-    """Left: each arm a point (mean over seeds) with 95% intervals on both axes, test accuracy (x) against
-    support mass above chance (y, 0 = attention no better than uniform). Right: the verdict counts."""
-    from .plots import VERDICT_COLOURS
-
-    fig = Figure(figsize=(9.0, 3.6))
-    ax, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.4, 1]})
+def plane(ax, table: Sequence[Mapping]):
+    """Each arm a point (mean over seeds) with 95% intervals on both axes: test accuracy (x) against support
+    mass above chance (y, 0 = attention no better than uniform), on ``ax``."""
     for row in table:
         arm = str(row["constraint"])
         x, y = _num(row[ACCURACY]), _num(row[CORRECTNESS])
@@ -90,6 +86,16 @@ def figure(table: Sequence[Mapping], counts: Mapping[str, int]) -> Figure:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
+    return ax
+
+
+def figure(table: Sequence[Mapping], counts: Mapping[str, int]) -> Figure:
+    """Left: :func:`plane`. Right: the verdict counts."""
+    from .plots import VERDICT_COLOURS
+
+    fig = Figure(figsize=(9.0, 3.6))
+    ax, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.4, 1]})
+    plane(ax, table)
     names = list(counts)
     values = [counts[v] for v in names]
     bars.barh(range(len(names)), values, color=[VERDICT_COLOURS.get(v, "#9e9e9e") for v in names])
