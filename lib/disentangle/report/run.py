@@ -174,6 +174,26 @@ class SectionRun:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+def _logged_kernel(log: Path) -> type:
+    """A kernel manager whose kernel writes its own stdout and stderr to ``log``, not to the console.
+
+    What a kernel prints itself (not a cell's output, which papermill keeps in the notebook) is noise on the
+    runner's console: ipykernel's start-up warnings, and after Ctrl-C the traceback of a kernel being shut
+    down mid-message (``ZMQError``). The runner's own lines stay the console's; the log is there to read.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "ab") as handle:  # the kernel keeps its own copy of the descriptor
+                kw.setdefault("stdout", handle)
+                kw.setdefault("stderr", handle)
+                return await super().start_kernel(**kw)
+
+    return LoggedKernelManager
+
+
 def execute(section: Section, params: dict[str, Any], out_dir: Path) -> SectionRun:
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -187,6 +207,7 @@ def execute(section: Section, params: dict[str, Any], out_dir: Path) -> SectionR
         papermill.execute_notebook(
             str(section.path), str(out_nb), parameters=params, kernel_name="python3",
             cwd=str(NOTEBOOKS), progress_bar=False, log_output=False,
+            kernel_manager_class=_logged_kernel(out_dir / "logs" / f"{section.name}.kernel.log"),
         )
         result.status = "ok"
     except PapermillExecutionError as err:
