@@ -32,6 +32,7 @@ benchmarks: $(STAMP)
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_constraints.py
 	$(PY) benchmarks/bench_stack.py
+	$(PY) benchmarks/bench_grid.py --step-level
 
 env: $(STAMP)
 
