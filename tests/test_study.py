@@ -39,7 +39,8 @@ def test_weight_zero_is_the_baseline_config_whatever_the_constraint():
 
 
 def synthetic_sweeps(accuracy: dict[tuple[str, float], float]) -> pd.DataFrame:
-    rows = [{"sweep": c, "weight": w, "seed": seed, "test_acc": acc, "chance/where_person": 0.2}
+    rows = [{"sweep": c, "weight": w, "seed": seed, "test_acc": acc, "chance/where_person": 0.2,
+             "status": "finished"}
             for (c, w), acc in accuracy.items() for seed in (0, 1)]
     return pd.DataFrame(rows)
 
