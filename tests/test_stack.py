@@ -16,23 +16,15 @@ from disentangle.stack import _Stack, plan, stack_key
 from disentangle.stats import mean_ci
 from disentangle.train import run_grid
 
-TINY = {
-    "model": {"d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32},
-    "data": {"tasks": ["where_person", "counting"], "n_train": 96, "n_val": 32, "n_test": 32, "n_ood": 16},
-    "train": {"steps": 40, "batch_size": 16, "eval_every": 10, "warmup_steps": 5, "lr": 1e-3},
-}
+from test_constraints import _one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
+from test_train import TINY as TRAIN_TINY
+
+# test_train's tiny run at a learning rate whose dynamics do not amplify rounding (see the per-step test)
+TINY = {**TRAIN_TINY, "train": {**TRAIN_TINY["train"], "lr": 1e-3}}
 
 
 def tiny(**changes) -> RunConfig:
     return RunConfig.from_dict(TINY).replace(**changes)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _prepared(cfgs, cache):
