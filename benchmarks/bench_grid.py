@@ -43,16 +43,33 @@ from disentangle.study import Study  # noqa: E402
 from disentangle.train import _worker_pool, load_data, run_grid  # noqa: E402
 
 
-def sweep_grid(steps: int) -> tuple[list[RunConfig], int]:
-    common = yaml.safe_load((REPO / "params" / "default.yaml").read_text())["common"]
+def _study(common: dict, steps: int) -> tuple[Study, int]:
+    """The default profile's study with its runs cut to ``steps`` steps, evaluations per run kept."""
     train = dict(common["train"])
     profile_steps = train["steps"]
     evals = max(1, profile_steps // train["eval_every"])
     train.update(steps=steps, eval_every=max(1, steps // evals), warmup_steps=min(train["warmup_steps"], steps // 4))
-    study = Study.from_parameters(model=common["model"], data=common["data"], train=train, seeds=common["seeds"],
-                                  sweep_weights=common["sweep_weights"], variants=common["variants"])
+    return Study.from_parameters(model=common["model"], data=common["data"], train=train, seeds=common["seeds"],
+                                 sweep_weights=common["sweep_weights"], variants=common["variants"]), profile_steps
+
+
+def sweep_grid(steps: int) -> tuple[list[RunConfig], int]:
+    study, profile_steps = _study(yaml.safe_load((REPO / "params" / "default.yaml").read_text())["common"], steps)
     configs = [c for name in study.sweep_weights for c in study.sweep_configs(name)]
     return list({run_hash(c): c for c in configs}.values()), profile_steps  # the baseline is in every sweep
+
+
+def capacity_grid(steps: int, arm: str) -> tuple[list[RunConfig], int]:
+    """Section 06's grown runs: the baseline and ``arm`` at the top of its sweep, every seed, at each
+    non-default size of every axis (the default size's runs are the sweeps' own)."""
+    profile = yaml.safe_load((REPO / "params" / "default.yaml").read_text())["common"]
+    study, profile_steps = _study(profile, steps)
+    weight = max(profile["sweep_weights"][arm])
+    configs = [study.config(name, w, s, **{axis: size})
+               for axis, sizes in profile["axes"].items() for size in sizes
+               if size != study.base.to_dict()["model"][axis.split(".", 1)[1]]
+               for name, w in (("baseline", 0.0), (arm, weight)) for s in study.seeds]
+    return configs, profile_steps
 
 
 def grid_wall(configs, stacked: bool, n_jobs: int, data_cache: Path) -> float:
@@ -191,6 +208,9 @@ def main() -> None:
     ap.add_argument("--step-level", action="store_true")
     ap.add_argument("--gpu-projection", type=int, default=0, metavar="R", help="project the full profile on a GPU from a stack of R")
     ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--grid", choices=("sweep", "capacity"), default="sweep",
+                    help="sweep: 02-05's grid; capacity: 06's grown runs (baseline and --arm at each non-default size)")
+    ap.add_argument("--arm", default="head_usage", help="the grown constraint of --grid capacity")
     args = ap.parse_args()
     if args.gpu_projection:
         gpu_projection(args.gpu_projection, launch_us=8.0, tflops=100.0)
@@ -198,7 +218,7 @@ def main() -> None:
         if args.step_level:
             step_level(8, 1, 5)
         return
-    configs, profile_steps = sweep_grid(args.steps)
+    configs, profile_steps = sweep_grid(args.steps) if args.grid == "sweep" else capacity_grid(args.steps, args.arm)
     with tempfile.TemporaryDirectory() as tmp:
         data_cache = Path(tmp)
         load_data(configs[0].data, data_cache)
@@ -210,7 +230,7 @@ def main() -> None:
             for name in (list(walls) if i % 2 == 0 else list(walls)[::-1]):
                 walls[name].append(grid_wall(configs, name == "stacked", args.n_jobs, data_cache))
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"default sweep grid: {len(configs)} runs x {args.steps} steps, {args.n_jobs} worker(s), 1 thread each, "
+          f"default {args.grid} grid: {len(configs)} runs x {args.steps} steps, {args.n_jobs} worker(s), 1 thread each, "
           f"{args.rounds} round(s); runs per hour projected to {profile_steps} steps a run")
     ref = statistics.median(walls["one run at a time"])
     for name, w in walls.items():

@@ -12,7 +12,7 @@ from numerics import tol
 
 from disentangle import train as T
 from disentangle.config import RunConfig, run_hash
-from disentangle.stack import _Stack, plan, stack_key
+from disentangle.stack import _Stack, plan, run_cost, stack_key
 from disentangle.stats import mean_ci
 from disentangle.train import run_grid
 
@@ -54,6 +54,16 @@ def test_plan_splits_groups_evenly_and_gives_every_worker_work():
     assert sorted(len(s) for s in plan(cfgs, n_workers=2, max_runs=None)) == [1, 1, 4, 5]  # cap ceil(11 / 2) = 6
     assert sorted(len(s) for s in plan(cfgs, n_workers=4, max_runs=None)) == [1, 1, 3, 3, 3]  # cap 3
     assert sum(len(s) for s in plan(cfgs, 4, None)) == len(cfgs)
+
+
+def test_plan_hands_out_the_most_work_first():
+    # 2 runs of a model 4x wider cost more than 3 tiny ones: they go first, so no core idles behind them at the end
+    big = [tiny(seed=s, **{"model.d_model": 64, "model.d_ff": 256}) for s in range(2)]
+    small = [tiny(seed=s) for s in range(3)]
+    longer = [tiny(seed=0, **{"model.dropout": 0.1, "train.steps": 30 * tiny().train.steps})]  # alone, but long
+    stacks = plan(small + big + longer, n_workers=1, max_runs=None)
+    assert [len(s) for s in stacks] == [1, 2, 3] and stacks[0] == longer and stacks[1] == big
+    assert run_cost(big[0]) > 1.5 * run_cost(small[0])
 
 
 def test_the_stack_size_cap_comes_from_the_environment_and_is_checked(monkeypatch):
