@@ -1,9 +1,11 @@
 """Experiment definitions: validation, shared baseline configs, the chosen-weight rule, capacity arms."""
 
+import math
+
 import pandas as pd
 import pytest
 
-from disentangle.config import ConfigError, run_hash
+from disentangle.config import ConfigError, RunConfig, run_hash
 from disentangle.study import Study
 
 TINY = dict(model={"d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32},
@@ -92,3 +94,18 @@ def test_capacity_grows_the_arms_asked_for(monkeypatch, arms, ortho_acc, usage_h
     assert set(runs.loc[~runs["grown"], "size"]) <= {32}
     with pytest.raises(ConfigError, match="arms='some'"):
         s.capacity({"model.d_ff": [16]}, arms="some")
+
+
+def test_architectural_arms_are_named_by_their_config_not_called_baseline():
+    from disentangle import arms
+    from disentangle.study import architecture_of, constraint_of
+
+    base = RunConfig()
+    for name in ("routed_heads", "hopfield", "entmax15", "entmax_alpha"):
+        got, weight = constraint_of(arms.get(name).apply(base))
+        assert got == name and math.isnan(weight)  # no weight: never mistaken for a weight-0 baseline
+    assert constraint_of(base) == ("baseline", 0.0)
+    # other settings of an arm are the arm (a 4-head model's top-k without shared heads, a sweep point)
+    assert architecture_of(base.replace(**{"model.routed_top_k": 2})) == "routed_heads"
+    assert architecture_of(base.replace(**{"model.entmax_alpha": 1.2})) is None  # alpha means nothing under softmax
+    assert architecture_of(base.replace(**{"model.attention": "entmax15", "model.hopfield_patterns": 4})) == "entmax15+hopfield"

@@ -25,7 +25,7 @@ from .arms import ARMS as REGISTRY
 from .arms import constraint_names
 from .arms import get as get_arm
 from .arms import label as get_label
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, flatten
 from .stats import mean_ci
 from .train import run_grid
 
@@ -37,15 +37,27 @@ VARIANT_FIELDS = {a.name: (a.variant_field, a.variants) for a in REGISTRY.values
 
 
 def constraint_of(cfg: RunConfig) -> tuple[str, float]:
-    """(name, weight) of the run's active constraint; ("baseline", 0.0) when none is."""
+    """(name, weight) of the run's active constraint; (name, NaN) for an architectural arm (it has no weight);
+    ("baseline", 0.0) when neither is on."""
     active = cfg.constraints.active()
     if not active:
-        return "baseline", 0.0
+        arch = architecture_of(cfg)
+        return (arch, math.nan) if arch else ("baseline", 0.0)
     if len(active) > 1:
         return "+".join(sorted(active)), float("nan")
     (name, weight), = active.items()
     return name, weight
 
+
+def architecture_of(cfg: RunConfig) -> str | None:
+    """The architectural arm the run's model is (e.g. "entmax15"), "a+b" for several, None for the plain
+    encoder. An arm is on when a field it changes is set: a choice (a string, like ``model.attention``) to
+    the arm's value, a number (like ``model.routed_top_k``) to anything but its default, so that the arm's
+    sweep points and other sizes (a 4-head model's top-k, no shared heads) are the arm too."""
+    have, default = flatten(cfg.to_dict()), flatten(RunConfig().to_dict())
+    on = [a.name for a in REGISTRY.values() if a.kind == "architecture" and any(
+        have[k] == v if isinstance(v, str) else have[k] != default[k] for k, v in a.changes.items())]
+    return "+".join(sorted(on)) if on else None
 
 
 def _seed_problems(seeds) -> list[str]:

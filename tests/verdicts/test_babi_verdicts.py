@@ -9,7 +9,7 @@ from scipy import stats as sps
 
 from disentangle.verdicts import babi as br
 from disentangle.config import ConfigError, run_hash
-from disentangle.study import Study
+from disentangle.study import Study, constraint_of
 from disentangle.train import run
 
 TASKS = ["qa1", "qa2"]
@@ -189,6 +189,22 @@ def test_accuracy_costs_and_findings_known_values():
     assert br.verdict_rows(br.accuracy_costs(same, TASKS), TASKS, "1k")[0]["verdict"] == "not supported"
 
 
+def test_an_architectural_arm_without_a_weight_is_a_group_of_its_own():
+    # architectural arms carry weight NaN (Study.run via constraint_of): groupby must not drop them
+    runs = synthetic_runs()
+    entmax = runs[runs["constraint"] == "orthogonality"].assign(constraint="entmax15", weight=float("nan"))
+    runs = pd.concat([runs, entmax], ignore_index=True)
+    table = br.error_table(runs, TASKS)
+    assert set(table["constraint"]) == {"baseline", "orthogonality", "entmax15"}
+    assert table.set_index(["constraint", "task"]).loc[("entmax15", "qa1"), "error"] == pytest.approx(30.0)
+    costs = br.accuracy_costs(runs, TASKS).set_index("constraint")
+    assert costs.loc["entmax15", "effect"] == pytest.approx(-0.1) and costs.loc["entmax15", "n"] == 3
+    row = [r for r in br.verdict_rows(costs.reset_index(), TASKS, "1k") if "entmax" in r["claim"]][0]
+    assert row["claim"] == "on bAbI, 1.5-entmax attention degrades accuracy" and row["verdict"] == "supported"
+    assert row["detail"].startswith("registry setting;") and "nan" not in row["detail"]
+    assert "1.5-entmax attention" in br.comparison_table(table, TASKS, None).columns
+
+
 def test_support_table_known_values():
     per_run = pd.DataFrame({
         "task": ["qa1", "qa2"] * 2, "support_mass": [0.4, 0.6, 0.5, 0.7], "support_mass_top": [0.9] * 4,
@@ -224,6 +240,13 @@ def test_babi_configs_are_the_study_configs_with_babi_data(tiny_babi, tmp_path):
     assert [c.constraints.orthogonality for c in configs] == [0.0, 0.0, 0.3, 0.3]
     assert all(c.data.source == "babi" and c.data.tasks == tuple(TASKS) and c.model.max_len == max_len for c in configs)
     assert run_hash(configs[0]) == run_hash(study.config(seed=0, **changes, **{"model.max_len": max_len}))
+    more = br.babi_configs(study, chosen, changes, max_len, ["hopfield", "entmax15"], {"hopfield": {"model.hopfield_patterns": 4}})
+    assert more[:4] == configs and len(more) == 8
+    assert [constraint_of(c)[0] for c in more[4:]] == ["hopfield", "hopfield", "entmax15", "entmax15"]
+    assert more[4].model.hopfield_patterns == 4 and more[6].model.attention == "entmax15"
+    assert more[4].seed == 0 and more[5].seed == 1 and more[4].data == configs[0].data
+    with pytest.raises(ValueError, match="babi_alt_arms: 'orthogonality' is not an architectural arm"):
+        br.babi_configs(study, chosen, changes, max_len, ["orthogonality"])
 
 
 def test_support_mass_of_real_runs(tiny_babi, tmp_path):

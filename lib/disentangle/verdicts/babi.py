@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 
 from ..data.babi import find_file, resolve_dir
-from ..arms import label
+from ..arms import ARMS, label
+from ..arms import get as get_arm
 from ..config import ConfigError, RunConfig
 from ..stats import fmt, mean_ci, verdict
 
@@ -278,11 +279,22 @@ def data_changes(babi_dir: str, tasks: Sequence[str], max_sentences: int, steps:
             "data.babi_max_sentences": int(max_sentences), "train.steps": int(steps)}  # fmt: skip
 
 
-def babi_configs(study, chosen: pd.DataFrame, changes: Mapping, max_len: int) -> list[RunConfig]:
-    """Every bAbI run: each arm (baseline + constraints at their chosen weights) x every seed of ``study``,
-    built with ``study.config`` so they share hashes (and cache entries) across notebooks."""
+def babi_configs(study, chosen: pd.DataFrame, changes: Mapping, max_len: int,
+                 architectures: Sequence[str] = (), settings: Mapping[str, Mapping] | None = None) -> list[RunConfig]:
+    """Every bAbI run: each arm (baseline + constraints at their chosen weights, then each architectural arm
+    of ``architectures`` at its registry setting, with ``settings[arm]``'s dotted fields over it, as section
+    11's ``alt_settings``) x every seed of ``study``, built with ``study.config`` so they share hashes (and
+    cache entries) across notebooks."""
     changes = {**changes, "model.max_len": int(max_len)}
-    return [study.config(name, weight, seed, **changes) for name, weight in arms(chosen) for seed in study.seeds]
+    configs = [study.config(name, weight, seed, **changes) for name, weight in arms(chosen) for seed in study.seeds]
+    for name in architectures:
+        arm = get_arm(name)
+        if arm.kind != "architecture":
+            raise ValueError(f"babi_alt_arms: {name!r} is not an architectural arm (allowed: "
+                             f"{[a for a in ARMS if ARMS[a].kind == 'architecture']})")
+        own = dict((settings or {}).get(name, {}))
+        configs += [arm.apply(study.config(seed=seed, **changes)).replace(**own) for seed in study.seeds]
+    return configs
 
 
 def needed_max_len(study, changes: Mapping) -> int:
@@ -315,7 +327,7 @@ def error_table(runs: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
     Arms keep the order in which they first appear in ``runs``."""
     per_run = run_errors(runs, tasks)
     rows = []
-    for (name, weight), g in per_run.groupby(["constraint", "weight"], sort=False):
+    for (name, weight), g in per_run.groupby(["constraint", "weight"], sort=False, dropna=False):
         for t in [*tasks, "mean"]:
             m, lo, hi = _clipped(mean_ci(g[t]), 0.0, 100.0)
             rows.append({"constraint": name, "weight": float(weight), "task": t, "error": m, "ci_low": lo,
@@ -353,7 +365,7 @@ def comparison_table(errors: pd.DataFrame, tasks: Sequence[str], size: str | Non
     index = [*tasks, "mean"]
     out = pd.DataFrame(index=pd.Index(index, name="task"))
     out["bAbI task"] = [TASK_NAMES.get(t, "") if t != "mean" else f"mean over {len(tasks)} tasks" for t in index]
-    for (name, weight), g in errors.groupby(["constraint", "weight"], sort=False):
+    for (name, weight), g in errors.groupby(["constraint", "weight"], sort=False, dropna=False):
         g = g.set_index("task")
         out[arm_label(name, weight)] = [fmt(*g.loc[t, ["error", "ci_low", "ci_high"]], digits=digits)
                                         if t in g.index else "n/a" for t in index]  # fmt: skip
@@ -412,12 +424,12 @@ def accuracy_costs(runs: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
     per_run["acc"] = 1.0 - per_run["mean"] / 100.0
     base = per_run[per_run["constraint"] == "baseline"].set_index("seed")["acc"]
     rows = []
-    for (name, weight), g in per_run[per_run["constraint"] != "baseline"].groupby(["constraint", "weight"], sort=False):
+    for (name, weight), g in per_run[per_run["constraint"] != "baseline"].groupby(["constraint", "weight"], sort=False, dropna=False):
         arm = g.set_index("seed")["acc"]
         seeds = arm.index.intersection(base.index)
         d = (arm.loc[seeds] - base.loc[seeds]).to_numpy(float)
         m, lo, hi = mean_ci(d)
-        compared = runs[(runs["constraint"] == "baseline") | ((runs["constraint"] == name) & (runs["weight"] == weight))]
+        compared = runs[runs["constraint"].isin(["baseline", name])]  # one weight per arm here (NaN: an architecture)
         rows.append({"constraint": name, "weight": float(weight), "effect": m, "ci_low": lo, "ci_high": hi,
                      "n": int(np.isfinite(d).sum()), "left_out": left_out(compared)})
     return pd.DataFrame(rows, columns=["constraint", "weight", "effect", "ci_low", "ci_high", "n", "left_out"])
@@ -428,13 +440,15 @@ def verdict_rows(costs: pd.DataFrame, tasks: Sequence[str], size: str | None, ma
     ``stats.verdict(ci_low, ci_high, expected_sign=-1, margin)``."""
     out = []
     for r in costs.itertuples():
+        architecture = r.constraint in ARMS and ARMS[r.constraint].kind == "architecture"
         out.append({
             "claim": f"on bAbI, {label(r.constraint)} degrades accuracy",
             "verdict": verdict(r.ci_low, r.ci_high, expected_sign=-1, margin=margin),
             "effect": r.effect, "ci_low": r.ci_low, "ci_high": r.ci_high,
-            "measure": "paired per-seed change in mean test accuracy over the bAbI tasks (constraint at its "
-                       "chosen weight minus baseline)",
-            "detail": f"weight {r.weight:g}; {r.n} paired seeds; tasks {', '.join(tasks)}; bAbI {size or '?'}; "
+            "measure": "paired per-seed change in mean test accuracy over the bAbI tasks (" + (
+                "the architecture at its registry setting" if architecture else "constraint at its chosen weight")
+                + " minus baseline)",
+            "detail": ("registry setting" if architecture else f"weight {r.weight:g}") + f"; {r.n} paired seeds; tasks {', '.join(tasks)}; bAbI {size or '?'}; "
                       f"equivalence margin ±{margin:g}" + (f"; {r.left_out}" if getattr(r, "left_out", "") else ""),
         })  # fmt: skip
     return out
@@ -499,10 +513,10 @@ def support_table(per_run: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
     ``support_mass_top`` and ``chance`` with its 95% t-interval over seeds (``<col>_low`` / ``<col>_high``,
     clipped to [0, 1]) and ``n`` (runs)."""
     cols = ("support_mass", "support_mass_top", "chance")
-    means = per_run.groupby(["constraint", "weight", "seed"], sort=False)[list(cols)].mean().reset_index().assign(task="mean")
+    means = per_run.groupby(["constraint", "weight", "seed"], sort=False, dropna=False)[list(cols)].mean().reset_index().assign(task="mean")
     df = pd.concat([per_run, means], ignore_index=True)
     rows = []
-    for (name, weight), g in df.groupby(["constraint", "weight"], sort=False):
+    for (name, weight), g in df.groupby(["constraint", "weight"], sort=False, dropna=False):
         for t in [*tasks, "mean"]:
             gt = g[g["task"] == t]
             row = {"constraint": name, "weight": float(weight), "task": t, "n": len(gt)}
@@ -516,7 +530,7 @@ def support_display(table: pd.DataFrame, tasks: Sequence[str], column: str = "su
     """Display frame of :func:`support_table`: rows = tasks and "mean", one column per arm, plus chance."""
     index = [*tasks, "mean"]
     out = pd.DataFrame(index=pd.Index(index, name="task"))
-    for (name, weight), g in table.groupby(["constraint", "weight"], sort=False):
+    for (name, weight), g in table.groupby(["constraint", "weight"], sort=False, dropna=False):
         g = g.set_index("task")
         out[arm_label(name, weight)] = [fmt(*g.loc[t, [column, f"{column}_low", f"{column}_high"]], digits=digits)
                                         if t in g.index else "n/a" for t in index]  # fmt: skip
