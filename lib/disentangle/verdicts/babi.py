@@ -199,16 +199,18 @@ def skip_reason(babi_dir: str | None, tasks: Sequence[str]) -> str | None:
     a message); a parameter that is wrong whatever the data (``tasks`` empty or not bAbI ids) raises a
     ConfigError naming it. A malformed file is left to the reader, which names the file and line.
     """
-    why = babi_dir_problem(babi_dir, tasks)
+    why = babi_dir_problem(babi_dir, tasks, partial_ok=True)
     if why is None:
         return None
     return f"**This section was skipped:** {why}.\n\n{how_to_point()}"
 
 
-def babi_dir_problem(babi_dir: str | None, tasks: Sequence[str]) -> str | None:
+def babi_dir_problem(babi_dir: str | None, tasks: Sequence[str], partial_ok: bool = False) -> str | None:
     """Why ``babi_dir`` cannot be used for ``tasks`` (plain text), or None: what :func:`skip_reason` shows, and
     what the report runner refuses up front for a ``--babi-dir`` the user gave (only the profile's default
-    path may be skipped). Bad ``tasks`` raise a ConfigError, as in :func:`skip_reason`."""
+    path may be skipped). ``partial_ok``: some tasks without files are no problem (the section leaves them
+    out by name, :func:`missing_tasks`), only all of them; the runner asks for every task of a directory
+    the user named. Bad ``tasks`` raise a ConfigError, as in :func:`skip_reason`."""
     bad = [t for t in tasks if t not in BABI_TASKS]
     if not tasks or bad:
         raise ConfigError([f"babi_tasks={list(tasks)!r}: " + (f"{bad} are not bAbI task ids" if bad else "empty")
@@ -216,13 +218,29 @@ def babi_dir_problem(babi_dir: str | None, tasks: Sequence[str]) -> str | None:
     if not babi_dir or not str(babi_dir).strip():
         return "no bAbI directory was given (`babi_dir` is empty)"
     try:
-        root = resolve_dir(str(babi_dir))
-        for t in tasks:
-            for kind in ("train", "test"):
-                find_file(root, t, kind)
+        resolve_dir(str(babi_dir))
+        missing = missing_tasks(babi_dir, tasks)
     except (FileNotFoundError, OSError) as err:
         return f"`babi_dir={babi_dir!r}` cannot be used: {err}"
+    if missing and (len(missing) == len(tasks) or not partial_ok):
+        return f"`babi_dir={babi_dir!r}` cannot be used: {'; '.join(missing.values())}"
     return None
+
+
+def missing_tasks(babi_dir: str, tasks: Sequence[str]) -> dict[str, str]:
+    """The tasks of ``tasks`` whose train or test file is not in ``babi_dir``, each with the error that names
+    the file (the shared ``en-10k`` copy has no qa3 train file): the section leaves them out, says so, and
+    reports the others."""
+    root = resolve_dir(str(babi_dir))
+    out = {}
+    for t in tasks:
+        for kind in ("train", "test"):
+            try:
+                find_file(root, t, kind)
+            except FileNotFoundError as err:
+                out[t] = str(err)
+                break
+    return out
 
 
 def questions_per_task(babi_dir: str, tasks: Sequence[str]) -> dict[str, int]:
@@ -292,8 +310,8 @@ def babi_configs(study, chosen: pd.DataFrame, changes: Mapping, max_len: int,
         if arm.kind != "architecture":
             raise ValueError(f"babi_alt_arms: {name!r} is not an architectural arm (allowed: "
                              f"{[a for a in ARMS if ARMS[a].kind == 'architecture']})")
-        own = dict((settings or {}).get(name, {}))
-        configs += [arm.apply(study.config(seed=seed, **changes)).replace(**own) for seed in study.seeds]
+        arm_changes = {**dict(arm.changes), **dict((settings or {}).get(name, {}))}  # one replace: validated as a whole
+        configs += [study.config(seed=seed, **changes, **arm_changes) for seed in study.seeds]
     return configs
 
 
