@@ -109,3 +109,51 @@ def test_architectural_arms_are_named_by_their_config_not_called_baseline():
     assert architecture_of(base.replace(**{"model.routed_top_k": 2})) == "routed_heads"
     assert architecture_of(base.replace(**{"model.entmax_alpha": 1.2})) is None  # alpha means nothing under softmax
     assert architecture_of(base.replace(**{"model.attention": "entmax15", "model.hopfield_patterns": 4})) == "entmax15+hopfield"
+
+
+def _fake_runs(accuracy):
+    """A Study.run stand-in: every config 'trains' to accuracy(constraint weight) at once (chance 0.25)."""
+    asked = []
+
+    def run(configs, desc="runs"):
+        asked.append(list(configs))
+        rows = []
+        for c in configs:
+            active = c.constraints.active()
+            w = next(iter(active.values())) if active else 0.0
+            rows.append({"run_id": run_hash(c), "constraint": next(iter(active), "baseline"), "weight": w, "seed": c.seed,
+                         "status": "finished", "test_acc": accuracy(w), "chance/where_person": 0.25})
+        return pd.DataFrame(rows), pd.DataFrame()
+
+    return run, asked
+
+
+def test_the_sweep_is_extended_until_a_weight_fails_the_choice_rule(monkeypatch):
+    s = study(sweep_weights={"orthogonality": [0.03, 0.3, 3.0]}, sweep_bracket=2)
+    run, asked = _fake_runs(lambda w: 0.95 if w < 10 else 0.30)  # 30 keeps (0.30 - 0.25) / 0.70 < half the gain
+    monkeypatch.setattr(s, "run", run)
+    chosen = s.chosen_weights().set_index("constraint").loc["orthogonality"]
+    assert s.sweep_weights["orthogonality"] == (0.0, 0.03, 0.3, 3.0, 30.0)  # one step of the sweep's own spacing
+    assert chosen["weight"] == 3.0 and chosen["bracketed"] and chosen["next_weight"] == 30.0
+    assert chosen["next_retained"] == pytest.approx(0.05 / 0.70)
+    # the sweep (4 weights incl. 0, 2 seeds), then with the new weight; bracketing stops when a weight fails
+    # (later calls only read the same 10 runs back)
+    assert [len(a) for a in asked[:2]] == [8, 10] and all(len(a) == 10 for a in asked[2:])
+
+    s = study(sweep_weights={"orthogonality": [0.03, 0.3, 3.0]}, sweep_bracket=2)
+    run, _ = _fake_runs(lambda w: 0.95)  # nothing ever fails: at most sweep_bracket weights are added
+    monkeypatch.setattr(s, "run", run)
+    chosen = s.chosen_weights().set_index("constraint").loc["orthogonality"]
+    assert s.sweep_weights["orthogonality"][-2:] == (30.0, 300.0)
+    assert chosen["weight"] == 300.0 and not chosen["bracketed"] and math.isnan(chosen["next_weight"])
+
+    s = study(sweep_weights={"orthogonality": [0.03, 0.3, 3.0]})  # sweep_bracket 0: the sweep as given
+    run, _ = _fake_runs(lambda w: 0.95)
+    monkeypatch.setattr(s, "run", run)
+    assert s.chosen_weights()["weight"].tolist() == [3.0] and s.sweep_weights["orthogonality"][-1] == 3.0
+
+
+def test_sweep_bracket_must_be_a_non_negative_integer():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="sweep_bracket="):
+            study(sweep_bracket=bad)

@@ -49,6 +49,11 @@ def constraint_of(cfg: RunConfig) -> tuple[str, float]:
     return name, weight
 
 
+def _chance(runs: pd.DataFrame) -> float:
+    """Mean over tasks of majority-class test accuracy (the same for every run of one data config)."""
+    return float(np.nanmean(runs.filter(like="chance/").iloc[0].to_numpy(dtype=float)))
+
+
 def architecture_of(cfg: RunConfig) -> str | None:
     """The architectural arm the run's model is (e.g. "entmax15"), "a+b" for several, None for the plain
     encoder. An arm is on when a field it changes is set: a choice (a string, like ``model.attention``) to
@@ -97,7 +102,12 @@ class Study:
     variants: dict[str, str] = field(default_factory=dict)  # e.g. {"orthogonality": "outputs", "mutual_information": "infonce"}
     n_jobs: int | None = None  # parallel training processes (None = one per CPU core)
     cache_dir: Path | None = None
+    # Weights added above the top of a sweep while its top weight still meets the choice rule (each one step
+    # of the sweep's own spacing), so that a chosen weight is bracketed by a larger one that fails: without it
+    # the "largest weight that keeps half the gain" may only be the largest one tried. 0 = the sweep as given.
+    sweep_bracket: int = 0
     _chosen: dict[float, pd.DataFrame] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _bracketed: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     @classmethod
     def from_parameters(
@@ -111,6 +121,7 @@ class Study:
         constraints: Mapping | None = None,
         n_jobs: int = 0,
         cache_dir: str | Path | None = None,
+        sweep_bracket: int = 0,
     ) -> Study:
         """Build from notebook parameters; every problem (config fields, constraint names) is reported at once."""
         problems = []
@@ -132,11 +143,14 @@ class Study:
                 problems.append(f"variants: {c!r} has no variants (allowed: {list(VARIANT_FIELDS)})")
             elif v not in VARIANT_FIELDS[c][1]:
                 problems.append(f"variants.{c}={v!r} is not one of {list(VARIANT_FIELDS[c][1])}")
+        if isinstance(sweep_bracket, bool) or not isinstance(sweep_bracket, int) or sweep_bracket < 0:
+            problems.append(f"sweep_bracket={sweep_bracket!r} must be an integer >= 0 (weights added above a sweep's top)")
         if problems:
             raise ConfigError(problems)
         weights = {c: tuple(sorted({0.0, *map(float, ws)})) for c, ws in sweep_weights.items()}
         seeds = list(seeds)
-        return cls(base, tuple(seeds), weights, dict(variants or {}), n_jobs or None, Path(cache_dir) if cache_dir else None)
+        return cls(base, tuple(seeds), weights, dict(variants or {}), n_jobs or None, Path(cache_dir) if cache_dir else None,
+                   sweep_bracket)
 
     # ------------------------------------------------------------------------------------ configs
 
@@ -173,12 +187,40 @@ class Study:
         return self.run([self.config(seed=s) for s in self.seeds], desc="baseline")
 
     def sweep_configs(self, constraint: str) -> list[RunConfig]:
+        """The sweep's runs as they stand (with the weights :meth:`bracket` added once it has run)."""
         if constraint not in self.sweep_weights:
             raise ConfigError([f"no sweep_weights for {constraint!r} (have: {list(self.sweep_weights)})"])
         return [self.config(constraint, w, s) for w in self.sweep_weights[constraint] for s in self.seeds]
 
+    def bracket(self, constraints: Sequence[str] | None = None, retain: float = 0.5) -> None:
+        """Train the sweeps of ``constraints`` (default: all) and, up to ``sweep_bracket`` times, add a weight
+        above the top of each sweep whose top weight still meets the choice rule (:meth:`_choose`), one step
+        of the sweep's own spacing up (the ratio of its two largest weights; 10 for a single weight), until a
+        weight fails the rule. Rounds train every sweep that grows in one grid. Deterministic: the same runs
+        decide the same weights, so every notebook's study extends its sweeps alike."""
+        todo = [c for c in (constraints or list(self.sweep_weights)) if c not in self._bracketed]
+        added = dict.fromkeys(todo, 0)
+        while todo:
+            runs, _ = self.run([cfg for c in todo for cfg in self.sweep_configs(c)], desc="sweeps")
+            runs["weight"] = [cfg.constraints.active().get(c, 0.0) for c in todo for cfg in self.sweep_configs(c)]
+            runs["sweep"] = [c for c in todo for _ in self.sweep_configs(c)]
+            chance = _chance(runs)
+            grow = []
+            for c in todo:
+                weights = [w for w in self.sweep_weights[c] if w > 0]
+                row = self._choose(c, runs[runs["sweep"] == c], chance, retain)
+                if (row is not None and added[c] < self.sweep_bracket and row["weight"] == max(weights)
+                        and row["retained"] >= retain):
+                    step = weights[-1] / weights[-2] if len(weights) > 1 else 10.0
+                    self.sweep_weights[c] = (*self.sweep_weights[c], float(f"{weights[-1] * step:.6g}"))
+                    added[c] += 1
+                    grow.append(c)
+            self._bracketed.update(c for c in todo if c not in grow)
+            todo = grow
+
     def sweep(self, constraint: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Weights x seeds for one constraint; weight-0 rows are the baseline runs."""
+        """Weights x seeds for one constraint (bracketed, see :meth:`bracket`); weight-0 rows are the baseline runs."""
+        self.bracket([constraint])
         runs, history = self.run(self.sweep_configs(constraint), desc=constraint)
         runs["sweep"] = constraint
         runs["weight"] = [c.constraints.active().get(constraint, 0.0) for c in self.sweep_configs(constraint)]
@@ -186,13 +228,13 @@ class Study:
 
     def sweeps(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """All sweeps in one grid (one progress bar, all cores busy), tagged by ``sweep``."""
+        self.bracket()
         frames = [self.sweep(c) for c in self.sweep_weights]  # cached runs load instantly; train the rest together
         return pd.concat([f[0] for f in frames], ignore_index=True), pd.concat([f[1] for f in frames], ignore_index=True)
 
     def train_all_sweeps(self) -> None:
-        """Train every sweep run in one parallel grid before the per-constraint frames are read."""
-        configs = [c for name in self.sweep_weights for c in self.sweep_configs(name)]
-        self.run(configs, desc="sweeps")
+        """Train every sweep run in one parallel grid (and bracket them) before the per-constraint frames are read."""
+        self.bracket()
 
     def chosen_weights(self, retain: float = 0.5) -> pd.DataFrame:
         """See :meth:`_choose_weights`; computed once per study and ``retain`` (a copy each call)."""
@@ -210,29 +252,35 @@ class Study:
         """
         self.train_all_sweeps()
         runs, _ = self.sweeps()
-        chance = float(np.nanmean(runs.filter(like="chance/").iloc[0].to_numpy(dtype=float)))
-        rows = []
-        for c in self.sweep_weights:
-            r = runs[runs["sweep"] == c]
-            done = r[r["status"] == "finished"]  # a diverged run's NaN accuracy must not pick or veto a weight
-            means = done.groupby("weight")["test_acc"].mean().reindex(sorted(r["weight"].unique()))
-            base = means.get(0.0, np.nan)
-            candidates = [w for w in means.index if w > 0]
-            if not candidates:
-                continue
-            retained = {w: (means[w] - chance) / (base - chance) if base > chance else np.nan for w in candidates}
-            ok = [w for w in candidates if retained[w] >= retain]
-            if ok:
-                weight, how = max(ok), f"largest weight retaining >= {retain:.0%} of the gain over chance"
-            elif not np.isfinite(base):
-                weight, how = min(candidates), "no baseline run finished: smallest non-zero weight"
-            else:
-                weight, how = min(candidates), f"no weight retains {retain:.0%}: smallest non-zero weight"
-            m, lo, hi = mean_ci(done.loc[done["weight"] == weight, "test_acc"])
-            rows.append({"constraint": c, "weight": weight, "test_acc": m, "ci_low": lo, "ci_high": hi,
-                         "baseline_acc": base, "retained": retained[weight], "rule": how,
-                         "n": int((done["weight"] == weight).sum()), "excluded": int((r["weight"] == weight).sum() - (done["weight"] == weight).sum())})
-        return pd.DataFrame(rows)
+        chance = _chance(runs)
+        rows = [self._choose(c, runs[runs["sweep"] == c], chance, retain) for c in self.sweep_weights]
+        return pd.DataFrame([r for r in rows if r is not None])
+
+    @staticmethod
+    def _choose(c: str, r: pd.DataFrame, chance: float, retain: float) -> dict | None:
+        """The choice rule for one sweep's runs ``r`` (weight-0 rows: the baseline); None without a weight > 0.
+        When the chosen weight is the largest tried, ``bracketed`` is False (nothing larger was seen to fail)."""
+        done = r[r["status"] == "finished"]  # a diverged run's NaN accuracy must not pick or veto a weight
+        means = done.groupby("weight")["test_acc"].mean().reindex(sorted(r["weight"].unique()))
+        base = means.get(0.0, np.nan)
+        candidates = [w for w in means.index if w > 0]
+        if not candidates:
+            return None
+        retained = {w: (means[w] - chance) / (base - chance) if base > chance else np.nan for w in candidates}
+        ok = [w for w in candidates if retained[w] >= retain]
+        if ok:
+            weight, how = max(ok), f"largest weight retaining >= {retain:.0%} of the gain over chance"
+        elif not np.isfinite(base):
+            weight, how = min(candidates), "no baseline run finished: smallest non-zero weight"
+        else:
+            weight, how = min(candidates), f"no weight retains {retain:.0%}: smallest non-zero weight"
+        above = [w for w in candidates if w > weight]
+        m, lo, hi = mean_ci(done.loc[done["weight"] == weight, "test_acc"])
+        return {"constraint": c, "weight": weight, "test_acc": m, "ci_low": lo, "ci_high": hi,
+                "baseline_acc": base, "retained": retained[weight], "rule": how,
+                "n": int((done["weight"] == weight).sum()), "excluded": int((r["weight"] == weight).sum() - (done["weight"] == weight).sum()),
+                "bracketed": bool(above), "next_weight": min(above) if above else np.nan,
+                "next_retained": retained[min(above)] if above else np.nan}
 
     def chosen_configs(self, seed: int, retain: float = 0.5) -> dict[str, RunConfig]:
         """The baseline and each constraint at its chosen weight, for one seed."""
