@@ -136,6 +136,7 @@ def test_the_sweep_is_extended_until_a_weight_fails_the_choice_rule(monkeypatch)
     assert s.sweep_weights["orthogonality"] == (0.0, 0.03, 0.3, 3.0, 30.0)  # one step of the sweep's own spacing
     assert chosen["weight"] == 3.0 and chosen["bracketed"] and chosen["next_weight"] == 30.0
     assert chosen["next_retained"] == pytest.approx(0.05 / 0.70)
+    assert chosen["decided"] and chosen["retained_low"] == pytest.approx(1.0)  # every seed alike: no doubt
     # the sweep (4 weights incl. 0, 2 seeds), then with the new weight; bracketing stops when a weight fails
     # (later calls only read the same 10 runs back)
     assert [len(a) for a in asked[:2]] == [8, 10] and all(len(a) == 10 for a in asked[2:])

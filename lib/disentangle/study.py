@@ -275,12 +275,27 @@ class Study:
         else:
             weight, how = min(candidates), f"no weight retains {retain:.0%}: smallest non-zero weight"
         above = [w for w in candidates if w > weight]
+        nxt = min(above) if above else np.nan
         m, lo, hi = mean_ci(done.loc[done["weight"] == weight, "test_acc"])
+        # How surely the rule decided: the share retained seed by seed (paired with the baseline of the same
+        # seed), with its 95% interval, at the chosen weight and at the next one up. Decided when the chosen
+        # weight's interval clears the threshold and the next one's stays below it.
+        seed_base = done[done["weight"] == 0].set_index("seed")["test_acc"]
+
+        def per_seed(w):
+            a = done[done["weight"] == w].set_index("seed")["test_acc"]
+            seeds = a.index.intersection(seed_base.index)
+            return mean_ci((a.loc[seeds] - chance) / (seed_base.loc[seeds] - chance)) if len(seeds) else (np.nan,) * 3
+
+        _, r_lo, r_hi = per_seed(weight)
+        _, n_lo, n_hi = per_seed(nxt) if above else (np.nan,) * 3
+        decided = bool(ok and r_lo >= retain and (not above or n_hi < retain))
         return {"constraint": c, "weight": weight, "test_acc": m, "ci_low": lo, "ci_high": hi,
                 "baseline_acc": base, "retained": retained[weight], "rule": how,
                 "n": int((done["weight"] == weight).sum()), "excluded": int((r["weight"] == weight).sum() - (done["weight"] == weight).sum()),
-                "bracketed": bool(above), "next_weight": min(above) if above else np.nan,
-                "next_retained": retained[min(above)] if above else np.nan}
+                "retained_low": r_lo, "retained_high": r_hi, "bracketed": bool(above), "next_weight": nxt,
+                "next_retained": retained[nxt] if above else np.nan, "next_retained_low": n_lo, "next_retained_high": n_hi,
+                "decided": decided}
 
     def chosen_configs(self, seed: int, retain: float = 0.5) -> dict[str, RunConfig]:
         """The baseline and each constraint at its chosen weight, for one seed."""

@@ -65,6 +65,36 @@ def test_rare_head_task_is_computed_from_usage_and_importance():
     assert findings.rare_head_task(importance, usage) == "coreference"  # head 2 is rare and coreference needs it
 
 
+def rare_frames(coref_need):
+    """Three baseline models, 4 heads, heads 2-3 rare; model i's coreference leans on rare head 2 by
+    coref_need[i], where_person on it by 0.1."""
+    usage, importance = [], []
+    for i, need in enumerate(coref_need):
+        usage += [{"model": f"m{i}", "constraint": "baseline", "task": "all", "layer": 1, "head": h, "usage_share": u}
+                  for h, u in enumerate([0.6, 0.3, 0.05, 0.05])]
+        for task, on_rare in (("where_person", 0.1), ("coreference", need)):
+            importance += [{"model": f"m{i}", "constraint": "baseline", "layer": 1, "head": h, "task": task, "importance": v}
+                           for h, v in enumerate([0.3, 0.1, on_rare, 0.0])]
+    return pd.DataFrame(importance), pd.DataFrame(usage)
+
+
+def test_the_rare_head_task_carries_its_margin_and_an_undecided_choice_is_carried_into_the_verdict():
+    decided = findings.rare_head_choice(*rare_frames([0.3, 0.35, 0.4]))
+    assert decided["task"] == "coreference" and decided["runner_up"] == "where_person" and decided["decided"]
+    assert decided["margin"] == pytest.approx(0.25) and decided["n"] == 3 and decided["ci_low"] > 0
+    undecided = findings.rare_head_choice(*rare_frames([0.5, 0.0, 0.2]))  # mean 0.233 > 0.1, but one model disagrees
+    assert undecided["task"] == "coreference" and not undecided["decided"] and undecided["ci_low"] < 0
+    hurts_coref = sweep_runs("head_usage", {"where_person": 0.0, "coreference": 0.15})
+    rows = {True: None, False: None}
+    for is_decided, choice in ((True, decided), (False, undecided)):
+        rows[is_decided] = [r for r in findings.where_it_hurts(hurts_coref, chosen("head_usage"), TASKS, choice)
+                            if r["claim"].startswith("head usage")][0]
+    assert rows[True]["verdict"] == "supported" and "margin of +0.250" in rows[True]["detail"]
+    # undecided: for the runner-up the same data says "not supported", so the claim's verdict cannot stand
+    assert rows[False]["verdict"] == "inconclusive" and "depends on an undecided choice" in rows[False]["detail"]
+    assert rows[False]["effect"] == rows[True]["effect"]  # the effect is still shown, for the task chosen
+
+
 def test_sparse_not_correct_reads_the_spearman_row_and_the_paired_model_change():
     spearman = pd.DataFrame([{"sparsity": "1 - entropy_cls", "correctness": "support_excess_cls", "constraint": "all",
                               "rho": -0.3, "ci_low": -0.5, "ci_high": -0.05, "n": 40}])

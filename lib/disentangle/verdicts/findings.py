@@ -160,11 +160,20 @@ def _task_gap(runs: pd.DataFrame, weight: float, hurt: Sequence[str], other: Seq
 
 
 def rare_head_task(importance: pd.DataFrame, usage: pd.DataFrame) -> str | None:
-    """The task that leans most on rarely used heads in the baseline.
+    """The task that leans most on rarely used heads in the baseline (see :func:`rare_head_choice`)."""
+    choice = rare_head_choice(importance, usage)
+    return choice["task"] if choice else None
+
+
+def rare_head_choice(importance: pd.DataFrame, usage: pd.DataFrame) -> dict | None:
+    """The task that leans most on rarely used heads in the baseline, and how surely.
 
     Per baseline model: heads whose usage share is below the layer average (1/H) are "rare"; a task's
     reliance on them = the sum of their ablation importance for that task. Averaged over models; the task
-    with the largest reliance is returned (None with fewer than two tasks).
+    with the largest reliance is chosen (None with fewer than two tasks). Its margin: the paired per-model
+    difference between its reliance and the runner-up's, mean and 95% interval; ``decided`` when the
+    interval lies above 0. An undecided choice (the same code chose another task on a second machine) is
+    carried into the verdict that rests on it (:func:`where_it_hurts`).
     """
     if importance.empty or usage.empty:  # no finished model
         return None
@@ -175,17 +184,30 @@ def rare_head_task(importance: pd.DataFrame, usage: pd.DataFrame) -> str | None:
     n_heads = use.groupby(["model", "layer"])["head"].transform("count")
     use["rare"] = use["usage_share"] < 1.0 / n_heads
     merged = imp.merge(use[["model", "layer", "head", "rare"]], on=["model", "layer", "head"])
-    reliance = merged[merged["rare"]].groupby(["model", "task"])["importance"].sum().groupby("task").mean()
-    return str(reliance.idxmax()) if len(reliance) else None
+    tasks = sorted(imp["task"].unique())
+    per_model = (merged[merged["rare"]].groupby(["model", "task"])["importance"].sum().unstack("task")
+                 .reindex(index=sorted(imp["model"].unique()), columns=tasks).fillna(0.0))  # no rare head: relies on none
+    reliance = per_model.mean().sort_values(ascending=False, kind="stable")
+    if not len(reliance):
+        return None
+    task, runner_up = str(reliance.index[0]), str(reliance.index[1])
+    m, lo, hi = mean_ci(per_model[task] - per_model[runner_up])
+    return {"task": task, "runner_up": runner_up, "reliance": float(reliance.iloc[0]), "runner_up_reliance": float(reliance.iloc[1]),
+            "margin": m, "ci_low": lo, "ci_high": hi, "n": len(per_model), "decided": bool(np.isfinite(lo) and lo > 0)}
 
 
-def where_it_hurts(sweeps: pd.DataFrame, chosen: pd.DataFrame, tasks: Sequence[str], rare_task: str | None,
+def where_it_hurts(sweeps: pd.DataFrame, chosen: pd.DataFrame, tasks: Sequence[str], rare_task: str | dict | None,
                    margin: float = 0.01) -> list[dict]:
     """Claim 4: each constraint costs more accuracy on the tasks its hypothesis names than on the others.
 
     Effect per seed = Δacc(named tasks) − Δacc(other tasks) (Δ = constrained − baseline at the chosen
     weight); the claim predicts a negative effect (verdict, expected sign −1, equivalence ``margin``).
+    ``rare_task``: the task head usage is expected to hurt, or :func:`rare_head_choice`'s dict. When that
+    choice is not decided, the verdict stands only if the runner-up task gets the same verdict; otherwise the
+    row is inconclusive and says why (the claim's task is itself in doubt).
     """
+    choice = rare_task if isinstance(rare_task, dict) else None
+    rare_task = choice["task"] if choice else rare_task
     weights = dict(zip(chosen["constraint"], chosen["weight"]))
     hypotheses = {
         "orthogonality": (["coreference"], [t for t in LOOKUP_TASKS if t != "coreference"], "coreference (two heads read one entity)"),
@@ -215,9 +237,22 @@ def where_it_hurts(sweeps: pd.DataFrame, chosen: pd.DataFrame, tasks: Sequence[s
         gap = _task_gap(runs, weights[c], hurt, other)
         m, lo, hi = mean_ci(gap)
         n = int(np.isfinite(gap).sum())
-        out.append(row("where it hurts", claim, m, lo, hi, verdict(lo, hi, -1, margin),
+        v, doubt = verdict(lo, hi, -1, margin), ""
+        if c == "head_usage" and choice is not None:
+            doubt = (f"the task was chosen by a margin of {choice['margin']:+.3f} [{choice['ci_low']:+.3f}, {choice['ci_high']:+.3f}] "
+                     f"in rare-head reliance over {choice['runner_up']} ({choice['n']} baseline models)")
+            if not choice["decided"] and choice["runner_up"] in tasks:
+                alt_hurt, alt_other = [choice["runner_up"]], [t for t in tasks if t != choice["runner_up"]]
+                a_m, a_lo, a_hi = mean_ci(_task_gap(runs, weights[c], alt_hurt, alt_other))
+                alt = verdict(a_lo, a_hi, -1, margin)
+                doubt += (f", not decided; for {choice['runner_up']} the verdict would be {alt} "
+                          f"({a_m:+.3f} [{a_lo:+.3f}, {a_hi:+.3f}])")
+                if alt != v:
+                    v = "inconclusive"
+                    doubt += ": the verdict depends on an undecided choice"
+        out.append(row("where it hurts", claim, m, lo, hi, v,
                        f"accuracy change on {'+'.join(hurt)} minus on {'+'.join(other)} at weight {weights[c]:g}, paired over {n} seeds",
-                       _join(left_out(runs[runs["weight"].isin([weights[c], 0])]), "no seed with both runs finished" if n == 0 else "")))
+                       _join(doubt, left_out(runs[runs["weight"].isin([weights[c], 0])]), "no seed with both runs finished" if n == 0 else "")))
     return out
 
 
