@@ -158,3 +158,27 @@ def test_sweep_bracket_must_be_a_non_negative_integer():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ConfigError, match="sweep_bracket="):
             study(sweep_bracket=bad)
+
+
+def test_the_costliest_arm_comes_with_its_margin_over_the_runner_up(monkeypatch):
+    def fake(acc):
+        def run(configs, desc="runs"):
+            rows = []
+            for c in configs:
+                active = c.constraints.active()
+                name, w = next(iter(active.items())) if active else ("baseline", 0.0)
+                rows.append({"run_id": run_hash(c), "constraint": name, "weight": w, "seed": c.seed, "status": "finished",
+                             "test_acc": acc(name, c.seed), "chance/where_person": 0.25})
+            return pd.DataFrame(rows), pd.DataFrame()
+        return run
+
+    s = study(sweep_weights={"orthogonality": [1.0], "head_usage": [1.0]}, seeds=[0, 1, 2])
+    monkeypatch.setattr(s, "run", fake(lambda name, seed: {"baseline": 0.95, "orthogonality": 0.75, "head_usage": 0.85}[name] + 0.01 * seed))
+    top = s.costliest()
+    assert (top["constraint"], top["runner_up"], top["n"]) == ("orthogonality", "head_usage", 3)
+    assert top["margin"] == pytest.approx(0.10) and top["decided"]  # 0.10 more accurate on every seed
+    s = study(sweep_weights={"orthogonality": [1.0], "head_usage": [1.0]}, seeds=[0, 1, 2])
+    noisy = {"orthogonality": [0.70, 0.90, 0.80], "head_usage": [0.85, 0.75, 0.80]}
+    monkeypatch.setattr(s, "run", fake(lambda name, seed: 0.95 if name == "baseline" else noisy[name][seed]))
+    top = s.costliest()
+    assert top["runner_up"] is not None and not top["decided"] and top["ci_low"] < 0 < top["ci_high"]

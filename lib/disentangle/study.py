@@ -49,6 +49,17 @@ def constraint_of(cfg: RunConfig) -> tuple[str, float]:
     return name, weight
 
 
+def _by_sure_cost(chosen: pd.DataFrame, margin: float) -> list[str]:
+    """The costly constraints of ``chosen`` (chosen weight costs >= ``margin`` of mean test accuracy), surest
+    cost first: the upper end of the accuracy interval (the mean with one seed, no interval) furthest below
+    the baseline's mean."""
+    cost = dict(zip(chosen["constraint"], chosen["test_acc"] - chosen["baseline_acc"]))
+    costly = [c for c, v in cost.items() if v <= -margin]
+    upper = {r.constraint: r.ci_high if np.isfinite(r.ci_high) else r.test_acc for r in chosen.itertuples()}
+    sure_cost = {c: float(chosen.loc[chosen["constraint"] == c, "baseline_acc"].iloc[0]) - upper[c] for c in costly}
+    return sorted(costly, key=sure_cost.get, reverse=True)
+
+
 def _chance(runs: pd.DataFrame) -> float:
     """Mean over tasks of majority-class test accuracy (the same for every run of one data config)."""
     return float(np.nanmean(runs.filter(like="chance/").iloc[0].to_numpy(dtype=float)))
@@ -305,6 +316,35 @@ class Study:
             out[row.constraint] = self.config(row.constraint, row.weight, seed)
         return out
 
+    def costliest(self, retain: float = 0.5, margin: float = 0.01) -> dict | None:
+        """The costly constraint (chosen weight costs >= ``margin`` of mean test accuracy) whose cost is surest:
+        the upper end of its accuracy interval over seeds (the mean with one seed) furthest below the
+        baseline's mean; None when none is costly. With the runner-up and the margin of the choice: per seed,
+        the runner-up's accuracy minus the chosen arm's at their chosen weights, mean and 95% interval;
+        ``decided`` when that interval lies above 0 (the chosen arm surely costs more)."""
+        chosen = self.chosen_weights(retain)
+        ranked = _by_sure_cost(chosen, margin)
+        if not ranked:
+            return None
+        upper = {r.constraint: r.ci_high if np.isfinite(r.ci_high) else r.test_acc for r in chosen.itertuples()}
+        sure_cost = {c: float(chosen.loc[chosen["constraint"] == c, "baseline_acc"].iloc[0]) - upper[c] for c in ranked}
+        out = {"constraint": ranked[0], "sure_cost": sure_cost[ranked[0]], "runner_up": None, "runner_up_sure_cost": np.nan,
+               "margin": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0, "decided": len(ranked) == 1}
+        if len(ranked) > 1:
+            runs, _ = self.sweeps()
+            weights = dict(zip(chosen["constraint"], chosen["weight"]))
+
+            def acc(c):
+                r = runs[(runs["sweep"] == c) & (runs["weight"] == weights[c]) & (runs["status"] == "finished")]
+                return r.set_index("seed")["test_acc"]
+
+            a, b = acc(ranked[0]), acc(ranked[1])
+            seeds = a.index.intersection(b.index)
+            m, lo, hi = mean_ci(b.loc[seeds] - a.loc[seeds])
+            out.update(runner_up=ranked[1], runner_up_sure_cost=sure_cost[ranked[1]], margin=m, ci_low=lo, ci_high=hi,
+                       n=len(seeds), decided=bool(np.isfinite(lo) and lo > 0))
+        return out
+
     def capacity(self, axes: Mapping[str, Sequence], retain: float = 0.5, arms: str = "all",
                  margin: float = 0.01) -> tuple[pd.DataFrame, pd.DataFrame]:
         """For each axis (a dotted model field) and size: the baseline and the constraints at their chosen
@@ -329,10 +369,7 @@ class Study:
         cost = dict(zip(chosen["constraint"], chosen["test_acc"] - chosen["baseline_acc"]))
         costly = [c for c, v in cost.items() if v <= -margin]
         if arms == "costliest":
-            # upper end of the interval (the mean with one seed, no interval) below the baseline's mean
-            upper = {r.constraint: r.ci_high if np.isfinite(r.ci_high) else r.test_acc for r in chosen.itertuples()}
-            sure_cost = {c: float(chosen.loc[chosen["constraint"] == c, "baseline_acc"].iloc[0]) - upper[c] for c in costly}
-            costly = sorted(costly, key=sure_cost.get, reverse=True)[:1]
+            costly = _by_sure_cost(chosen, margin)[:1]
         grow = {"baseline": True, **{c: arms == "all" or c in costly for c in cost}}
         weights = {"baseline": 0.0, **dict(zip(chosen["constraint"], chosen["weight"]))}
         configs, tags = [], []
