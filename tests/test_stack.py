@@ -64,6 +64,9 @@ def test_plan_hands_out_the_most_work_first():
     stacks = plan(small + big + longer, n_workers=1, max_runs=None)
     assert [len(s) for s in stacks] == [1, 2, 3] and stacks[0] == longer and stacks[1] == big
     assert run_cost(big[0]) > 1.5 * run_cost(small[0])
+    # learned-alpha entmax runs alone (no vmap rule) and costs 2.7 softmax steps: handed out before a softmax run
+    entmax = tiny(seed=0, **{"model.attention": "entmax_alpha"})
+    assert plan([small[0], entmax], n_workers=2, max_runs=None)[0] == [entmax]
 
 
 def test_the_stack_size_cap_comes_from_the_environment_and_is_checked(monkeypatch):
