@@ -639,7 +639,7 @@ def _worker_pool(n_jobs: int) -> ProcessPoolExecutor:
     forked: forking a process whose torch thread pools are initialised can deadlock."""
     pool = _POOLS.get(n_jobs)
     if pool is None or getattr(pool, "_broken", False):
-        pool = _POOLS[n_jobs] = ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn"), initializer=_ignore_sigint)
+        pool = _POOLS[n_jobs] = ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker)
     return pool
 
 
@@ -651,10 +651,15 @@ def _stop_pool(n_jobs: int) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _ignore_sigint() -> None:
+def _init_worker() -> None:
     # An interrupt meant for the notebook (e.g. papermill stopping its kernel) also reaches the idle
     # workers of its process group; they stop anyway when their parent does (sentinel at exit, or EOF).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker is one core's worth, like its torch thread: numpy's BLAS too (sklearn's probe fits spread over
+    # threads that fight the other workers ran 15-27x slower, see analysis.probe_representations).
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
 
 
 def _failed(cfg: RunConfig, cache: Path, error: str) -> RunResult:
@@ -764,7 +769,7 @@ def run_grid(
             for fut in as_completed(futures):
                 record(fut.result())
         except KeyboardInterrupt:
-            # Workers ignore SIGINT (see _ignore_sigint): stop them here, so an interrupted notebook does not
+            # Workers ignore SIGINT (see _init_worker): stop them here, so an interrupted notebook does not
             # go on training in the background. Finished runs are cached; running ones resume from checkpoints.
             if remote is not None:
                 for fut in futures:
