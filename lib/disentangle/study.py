@@ -49,15 +49,15 @@ def constraint_of(cfg: RunConfig) -> tuple[str, float]:
     return name, weight
 
 
-def _by_sure_cost(chosen: pd.DataFrame, margin: float) -> list[str]:
+def _by_sure_cost(chosen: pd.DataFrame, margin: float) -> dict[str, float]:
     """The costly constraints of ``chosen`` (chosen weight costs >= ``margin`` of mean test accuracy), surest
-    cost first: the upper end of the accuracy interval (the mean with one seed, no interval) furthest below
-    the baseline's mean."""
+    cost first, with that cost: the baseline's mean minus the upper end of the arm's accuracy interval (the
+    mean with one seed, no interval)."""
     cost = dict(zip(chosen["constraint"], chosen["test_acc"] - chosen["baseline_acc"]))
     costly = [c for c, v in cost.items() if v <= -margin]
     upper = {r.constraint: r.ci_high if np.isfinite(r.ci_high) else r.test_acc for r in chosen.itertuples()}
     sure_cost = {c: float(chosen.loc[chosen["constraint"] == c, "baseline_acc"].iloc[0]) - upper[c] for c in costly}
-    return sorted(costly, key=sure_cost.get, reverse=True)
+    return dict(sorted(sure_cost.items(), key=lambda kv: kv[1], reverse=True))
 
 
 def _chance(runs: pd.DataFrame) -> float:
@@ -323,11 +323,10 @@ class Study:
         the runner-up's accuracy minus the chosen arm's at their chosen weights, mean and 95% interval;
         ``decided`` when that interval lies above 0 (the chosen arm surely costs more)."""
         chosen = self.chosen_weights(retain)
-        ranked = _by_sure_cost(chosen, margin)
+        sure_cost = _by_sure_cost(chosen, margin)
+        ranked = list(sure_cost)
         if not ranked:
             return None
-        upper = {r.constraint: r.ci_high if np.isfinite(r.ci_high) else r.test_acc for r in chosen.itertuples()}
-        sure_cost = {c: float(chosen.loc[chosen["constraint"] == c, "baseline_acc"].iloc[0]) - upper[c] for c in ranked}
         out = {"constraint": ranked[0], "sure_cost": sure_cost[ranked[0]], "runner_up": None, "runner_up_sure_cost": np.nan,
                "margin": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0, "decided": len(ranked) == 1}
         if len(ranked) > 1:
@@ -369,7 +368,7 @@ class Study:
         cost = dict(zip(chosen["constraint"], chosen["test_acc"] - chosen["baseline_acc"]))
         costly = [c for c, v in cost.items() if v <= -margin]
         if arms == "costliest":
-            costly = _by_sure_cost(chosen, margin)[:1]
+            costly = list(_by_sure_cost(chosen, margin))[:1]
         grow = {"baseline": True, **{c: arms == "all" or c in costly for c in cost}}
         weights = {"baseline": 0.0, **dict(zip(chosen["constraint"], chosen["weight"]))}
         configs, tags = [], []
