@@ -609,6 +609,20 @@ def test_attractor_factors_are_nmi_and_purity_over_entity_tokens(data, split):
         A.attractor_factors(tiny_model(data), split, data.vocab)
 
 
+def test_state_clusters_score_a_kmeans_clustering_of_the_states_at_the_same_tokens(data, split):
+    model = tiny_model(data)
+    table = A.state_clusters(model, split, data.vocab, n_clusters=5)
+    assert set(table["factor"]) == {"kind", "entity", "role"} and (table["n_clusters"] == 5).all()
+    hop = A.attractor_factors(tiny_model(data, hopfield_patterns=4, hopfield_beta=20.0), split, data.vocab)
+    assert sorted(table["n_tokens"].unique()) == sorted(hop["n_tokens"].unique())  # the same entity tokens
+    assert ((table["ami"] <= 1 + 1e-12) & (table["purity"] > 0) & (table["purity"] <= 1)).all()
+    pd.testing.assert_frame_equal(table, A.state_clusters(model, split, data.vocab, n_clusters=5, batch_size=7))  # seeded
+    one = A.state_clusters(model, split, data.vocab, n_clusters=1)  # one cluster holds nothing about any factor
+    assert (one["nmi"] == 0).all() and (one["ami"] == 0).all()
+    with pytest.raises(ValueError, match="n_clusters=0 must be >= 1"):
+        A.state_clusters(model, split, data.vocab, n_clusters=0)
+
+
 def test_factor_scores_known_values():
     one_to_one = A.factor_scores(np.array([0, 0, 1, 1]), np.array(["x", "x", "y", "y"]))
     assert one_to_one == pytest.approx({"nmi": 1.0, "ami": 1.0, "purity": 1.0})

@@ -126,7 +126,8 @@ def test_shapes_of_every_capture(kw):
     H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     assert out.logits.shape == (3, C)
     assert out.captured == frozenset(CAPTURABLE)
-    for name, shape in (("attn", (3, H, 9, 9)), ("head_out", (3, H, 9, dh)), ("head_contrib", (3, H, 9, d))):
+    for name, shape in (("attn", (3, H, 9, 9)), ("head_out", (3, H, 9, dh)), ("head_contrib", (3, H, 9, d)),
+                        ("resid_mid", (3, 9, d))):
         per_layer = getattr(out, name)
         assert len(per_layer) == cfg.n_layers
         assert all(t.shape == shape for t in per_layer), (name, [t.shape for t in per_layer])
@@ -136,6 +137,19 @@ def test_shapes_of_every_capture(kw):
         assert all(isinstance(w, torch.nn.Parameter) for w in ws)
     with pytest.raises(ValueError, match=r"which='o' is not one of"):
         model.per_head_weights("o")
+
+
+def test_resid_mid_is_the_block_input_plus_the_heads_contributions():
+    # layer 0 of a rotary model: its input is the token embedding, so after attention the stream holds
+    # exactly that plus sum_h z_h W_O[h] + b_O (the heads' contributions), up to the rounding of one sum over H
+    cfg = make_cfg()
+    model = model_for(cfg)
+    tokens, padding = batch()
+    out = model(tokens, padding, capture=("resid_mid", "head_contrib"))
+    expected = model.tok_emb(tokens) + out.head_contrib[0].sum(1) + model.blocks[0].attn.b_O
+    assert_close(out.resid_mid[0], expected.detach(), n=cfg.n_heads + cfg.d_model + cfg.d_head)
+    with pytest.raises(NotCapturedError, match="'resid_mid' was not captured"):
+        model(tokens, padding).resid_mid
 
 
 def test_per_head_math_matches_a_loop_over_heads():

@@ -114,6 +114,25 @@ def train(study: Study, pts: Sequence[Point], seeds: Sequence[int], desc: str = 
     return runs, results
 
 
+def penalty_runs(study: Study, constraint: str, weight: float, seeds: Sequence[int]) -> Results:
+    """``constraint`` at ``weight`` on ``seeds`` with the alternatives' study config (trained or loaded in one
+    grid): the penalty an arm is judged against on the alternatives' own seeds, beyond those the constraint
+    sections trained, so the comparison pairs as many seeds as the arms have."""
+    cfgs = [study.config(constraint, weight, s) for s in seeds]
+    if cfgs:
+        study.run(cfgs, desc=constraint)
+    out = Results((constraint, weight, s, cached_run(c, study.cache_dir)) for s, c in zip(seeds, cfgs))
+    out.settings = [""] * len(out)
+    return out
+
+
+def control_clusters(study: Study, pts: Sequence[Point]) -> int:
+    """The number of k-means clusters the baseline's states are split into as the attractors' control: the
+    Hopfield memory's stored patterns at its own setting plus one (the metastable tokens); 0 without it."""
+    own = [p for p in pts if p.arm == "hopfield" and p.setting == ""]
+    return config(study, own[0], 0).model.hopfield_patterns + 1 if own else 0
+
+
 def frame(results: Results) -> pd.DataFrame:
     """The run frame of ``results`` (as :func:`train` returns for its own): one row per run."""
     settings = getattr(results, "settings", [""] * len(results))
@@ -169,13 +188,22 @@ def _probes(factors: Sequence[str]):
     return compute
 
 
-def _derivations(result, arm: str, probe_factors: Sequence[str]) -> list[tuple[str, Any]]:
+def _state_clusters(k: int):
+    def compute(result) -> pd.DataFrame:
+        model, data = result.load_model(), result.data()
+        return analysis.state_clusters(model, data.splits["test"], data.vocab, k, seed=result.config.seed)
+    return compute
+
+
+def _derivations(result, arm: str, probe_factors: Sequence[str], control_clusters: int = 0) -> list[tuple[str, Any]]:
     """(derived name, compute) of every per-model frame this model needs, in :func:`model_frames`' order."""
     from .study import _head_frames_of_model
 
     todo = [("head_frames_v1", _head_frames_of_model), ("attention_zeros_v1", _zeros), ("similarity_offdiag_v1", _similarity)]
     if arm in (BASELINE, "routed_heads"):
         todo.append(("routing_v1", _routing))
+    if arm == BASELINE and control_clusters:
+        todo.append((f"state_clusters_k{control_clusters}_v1", _state_clusters(control_clusters)))
     if result.config.model.hopfield_patterns:
         todo.append(("attractors_v1", _attractors))
     if result.config.model.attention == "entmax_alpha":
@@ -185,7 +213,8 @@ def _derivations(result, arm: str, probe_factors: Sequence[str]) -> list[tuple[s
     return todo
 
 
-def _derive_in_worker(cfg_dict: dict, cache_dir: str | None, arm: str, probe_factors: list[str]) -> str | None:
+def _derive_in_worker(cfg_dict: dict, cache_dir: str | None, arm: str, probe_factors: list[str],
+                      control_clusters: int = 0) -> str | None:
     import traceback
 
     import torch
@@ -193,7 +222,7 @@ def _derive_in_worker(cfg_dict: dict, cache_dir: str | None, arm: str, probe_fac
     torch.set_num_threads(1)
     try:
         result = cached_run(RunConfig.from_dict(cfg_dict), cache_dir)
-        for name, compute in _derivations(result, arm, probe_factors):
+        for name, compute in _derivations(result, arm, probe_factors, control_clusters):
             result.derived(name, compute)
         return None
     except Exception:
@@ -201,10 +230,12 @@ def _derive_in_worker(cfg_dict: dict, cache_dir: str | None, arm: str, probe_fac
 
 
 def derive(results: Results, probe_factors: Sequence[str] = (), probe_seeds: Sequence[int] | None = None,
-           n_jobs: int | None = None, cache_dir=None) -> None:
+           n_jobs: int | None = None, cache_dir=None, control_clusters: int = 0) -> None:
     """Compute every finished model's per-model frames (see :func:`model_frames`) in ``n_jobs`` worker processes
     (the training pool; one per core by default), so the analyses of many models use every core; each is kept
-    with its run, and :func:`model_frames` then only loads them. Probes only for ``probe_seeds`` (None: all)."""
+    with its run, and :func:`model_frames` then only loads them. Probes only for ``probe_seeds`` (None: all).
+    ``control_clusters``: the baseline's token states clustered into that many clusters, the control of the
+    Hopfield attractors (:func:`analysis.state_clusters`); 0 = none."""
     import os
 
     from .train import _worker_pool
@@ -214,9 +245,9 @@ def derive(results: Results, probe_factors: Sequence[str] = (), probe_seeds: Seq
         if result.status != "finished":
             continue
         factors = list(probe_factors) if probe_seeds is None or seed in probe_seeds else []
-        missing = [n for n, _ in _derivations(result, arm, factors) if not (result.path / "derived" / f"{n}.pt").exists()]
+        missing = [n for n, _ in _derivations(result, arm, factors, control_clusters) if not (result.path / "derived" / f"{n}.pt").exists()]
         if missing:
-            todo.append((result.config.to_dict(), str(cache_dir) if cache_dir else None, arm, factors))
+            todo.append((result.config.to_dict(), str(cache_dir) if cache_dir else None, arm, factors, control_clusters))
     if not todo:
         return
     n = n_jobs or os.cpu_count() or 1
@@ -230,11 +261,13 @@ def derive(results: Results, probe_factors: Sequence[str] = (), probe_seeds: Seq
         raise RuntimeError(f"{len(errors)} per-model analyses failed; the first:\n{errors[0]}")
 
 
-def model_frames(results: Results, probe_factors: Sequence[str] = (), probe_seeds: Sequence[int] | None = None) -> dict[str, pd.DataFrame]:
+def model_frames(results: Results, probe_factors: Sequence[str] = (), probe_seeds: Sequence[int] | None = None,
+                 control_clusters: int = 0) -> dict[str, pd.DataFrame]:
     """Per-head and per-model frames of every finished model, tagged with ``model``, ``constraint``,
     ``weight``, ``seed`` and ``setting``: ``metrics`` / ``importance`` / ``usage`` (as section 07), ``zeros``
     (exact-zero attention), ``similarity`` (mean off-diagonal head similarity per layer), ``routing`` (the
-    baseline and routed models), ``attractors`` (Hopfield models), ``alphas`` (learned-alpha models) and
+    baseline and routed models), ``attractors`` (Hopfield models), ``clusters`` (the baseline's token states
+    in ``control_clusters`` k-means clusters, the attractors' control), ``alphas`` (learned-alpha models) and
     ``probes`` (when ``probe_factors`` are given; only for ``probe_seeds``, None = every seed)."""
     settings = getattr(results, "settings", [""] * len(results))
     frames = collect_head_frames(results, setting=settings)
@@ -253,6 +286,8 @@ def model_frames(results: Results, probe_factors: Sequence[str] = (), probe_seed
             add("routing", result.derived("routing_v1", _routing), *tags)
         if result.config.model.hopfield_patterns:
             add("attractors", result.derived("attractors_v1", _attractors), *tags)
+        if arm == BASELINE and control_clusters:
+            add("clusters", result.derived(f"state_clusters_k{control_clusters}_v1", _state_clusters(control_clusters)), *tags)
         if result.config.model.attention == "entmax_alpha":
             add("alphas", result.derived("alphas_v1", _alphas), *tags)
         if probe_factors and (probe_seeds is None or seed in probe_seeds):
@@ -268,6 +303,7 @@ def per_model(runs: pd.DataFrame, frames: Mapping[str, pd.DataFrame], min_gain: 
     ``importance_max`` (the largest accuracy drop one head's ablation causes, any task), ``selectivity_task`` /
     ``selectivity_role`` (mean over routed heads, 0 in a model without routing), ``routing_entropy``,
     ``ami_<factor>`` / ``nmi_<factor>`` / ``purity_<factor>`` and ``ami`` (mean over :data:`FACTORS`), ``metastable``,
+    ``control_ami_<factor>`` / ``control_ami`` (baseline models: their clustered states, the attractors' control)
     and the probes' ``disentanglement`` / ``completeness``."""
     finished = runs[runs["status"] == "finished"].rename(columns={"run_id": "model"})
     acc = [c for c in finished.columns if c == "test_acc" or c.startswith("test_acc/") or c == "ood_acc" or c.startswith("ood_acc/")]
@@ -300,6 +336,11 @@ def per_model(runs: pd.DataFrame, frames: Mapping[str, pd.DataFrame], min_gain: 
         a["ami"] = a[[f"ami_{f}" for f in FACTORS if f"ami_{f}" in a]].mean(axis=1)
         join(a)
         join(frames["attractors"].groupby("model")[["metastable", "n_attractors"]].mean())
+    if "clusters" in frames:  # the control: the same scores for k-means clusters of the baseline's token states
+        c = frames["clusters"].groupby(["model", "factor"])["ami"].mean().unstack("factor")
+        c.columns = [f"control_ami_{factor}" for factor in c.columns]
+        c["control_ami"] = c[[f"control_ami_{f}" for f in FACTORS if f"control_ami_{f}" in c]].mean(axis=1)
+        join(c)
     if "probes" in frames:
         dci = analysis.exclusivity_by(frames["probes"], by="model", min_gain=min_gain).set_index("model")
         join(dci[["disentanglement", "completeness"]])
@@ -321,5 +362,5 @@ def summary(models: pd.DataFrame, measures: Sequence[str], by: Sequence[str] = (
     return pd.DataFrame(rows)
 
 
-__all__ = ["ALTERNATIVES", "FACTORS", "HEAD_MEASURES", "Point", "Results", "SWEEPABLE", "config", "derive", "frame", "model_frames",
-           "per_model", "points", "summary", "train"]
+__all__ = ["ALTERNATIVES", "FACTORS", "HEAD_MEASURES", "Point", "Results", "SWEEPABLE", "config", "control_clusters", "derive",
+           "frame", "model_frames", "penalty_runs", "per_model", "points", "summary", "train"]

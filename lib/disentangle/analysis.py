@@ -1160,6 +1160,51 @@ def attractor_factors(
     return pd.DataFrame(rows)
 
 
+def state_clusters(
+    model: Encoder,
+    split: Split,
+    vocab: Vocab,
+    n_clusters: int,
+    layers: Iterable[int] | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """The control for :func:`attractor_factors`: how cleanly a plain clustering of a model's token states
+    separates the same factors. Per layer (default: the global ones), the residual stream after attention
+    (where a Hopfield memory reads), layer-normalised without gain as the memory normalises its state, at the
+    same entity tokens, clustered by k-means into ``n_clusters`` (seeded; 4 starts), scored with
+    :func:`factor_scores` against ``kind``, ``entity`` and ``role``. An attractor assignment that separates
+    the factors no better than this says nothing the states did not already."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters={n_clusters} must be >= 1")
+    layer_ids = _layers(model, layers)
+    kinds = token_kinds(split, vocab)
+    words = np.array(vocab.to_list(), dtype=object)[split.tokens.numpy()]
+    entity = np.isin(kinds, [k for k, _ in _entity_lexicons()])
+    role = np.where(split.question_mask.numpy(), "question", "story")
+    device = _device(model)
+    found = {layer: [] for layer in layer_ids}
+    with _eval_mode(model):
+        for b in iter_batches(split, batch_size, device):
+            out = model(b["tokens"], b["padding_mask"], capture="resid_mid", segments=b["segments"])
+            for layer in layer_ids:
+                x = F.layer_norm(out.resid_mid[layer].float(), out.resid_mid[layer].shape[-1:]).cpu()  # (B, T_batch, d)
+                found[layer].append(F.pad(x, (0, 0, 0, split.tokens.shape[1] - x.shape[1])))
+    rows = []
+    for layer in layer_ids:
+        states = torch.cat(found[layer]).numpy()[entity].astype(np.float64)  # (N_entity_tokens, d)
+        k = min(n_clusters, len(states))
+        with threadpool_limits(limits=1):  # small fits: one BLAS thread (see probe_representations)
+            assigned = KMeans(k, n_init=4, random_state=seed).fit_predict(states) if k else np.zeros(0, int)
+        for factor, values in (("kind", kinds[entity]), ("entity", words[entity]), ("role", role[entity])):
+            rows.append({"layer": layer, "factor": factor, **factor_scores(assigned, values.astype(str)),
+                         "n_clusters": int(k), "n_tokens": int(len(assigned))})
+    return pd.DataFrame(rows)
+
+
 def factor_scores(assigned: np.ndarray, values: np.ndarray) -> dict[str, float]:
     """``nmi`` (scikit-learn's, arithmetic normalisation), ``ami`` (the same, adjusted for chance: 0 is what
     a random clustering of the same cluster sizes scores in expectation, 1 one-to-one; NMI alone grows with

@@ -10,6 +10,7 @@ Contract (the one every caller relies on: analysis, constraints, the training lo
     out.attn[l]           # (B, H, T, T) attention probabilities of layer l, before dropout
     out.head_out[l]       # (B, H, T, d_head) per-head outputs before the output projection
     out.head_contrib[l]   # (B, H, T, d_model) per-head contributions to the residual stream
+    out.resid_mid[l]      # (B, T, d_model) the residual stream after attention (what a Hopfield memory reads)
 
 With nothing captured, attention runs through ``F.scaled_dot_product_attention`` (fused kernels).
 Only ``"attn"`` needs the explicit softmax path: per-head outputs and contributions come out of the
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from .schema import Config, at_least, one_of, positive
 
-CAPTURABLE = ("attn", "head_out", "head_contrib", "gates", "attractors")
+CAPTURABLE = ("attn", "head_out", "head_contrib", "gates", "attractors", "resid_mid")
 METASTABLE, NO_MEMORY = -1, -2  # attractor ids of a token without a dominant stored pattern, and of a layer without memory
 ATTENTIONS = ("softmax", "entmax15", "entmax_alpha")
 # Scores of blocked keys for entmax: finite (entmax squares and sorts its inputs, -inf would give NaN) and far
@@ -180,6 +181,12 @@ class EncoderOutput:
         """Per layer: each token's attractor (B, T) int64: the id of the stored pattern its Hopfield retrieval
         converged to, METASTABLE (-1) when none dominates, NO_MEMORY (-2) in a layer without memory."""
         return self._get("attractors")
+
+    @property
+    def resid_mid(self) -> list[torch.Tensor]:
+        """Per layer: the residual stream after attention, before the memory and the FFN (B, T, d_model): the
+        token states a Hopfield memory retrieves from (and the same point of a model without one)."""
+        return self._get("resid_mid")
 
     @property
     def gates(self) -> list[torch.Tensor]:
@@ -403,6 +410,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, blocked: torch.Tensor, capture: frozenset[str]) -> tuple[torch.Tensor, dict]:
         a, store = self.attn(self.ln1(x), blocked, capture)
         x = x + self.drop(a)  # (B, T, d)
+        if "resid_mid" in capture:
+            store["resid_mid"] = x
         if self.memory is not None:
             m, p = self.memory(x)
             x = x + self.drop(m)

@@ -45,7 +45,8 @@ def test_the_alternatives_section_records_every_table_and_its_findings(tmp_path,
 
     measures = {r["constraint"]: r for r in rec["measures"]}
     assert set(measures) == {"baseline", "attention_entropy", *arms}
-    assert measures["attention_entropy"]["n"] == 2 and measures["hopfield"]["n"] == 3  # the constraint: its own seeds
+    # the entropy penalty: its sections' 2 seeds plus the alternatives' third, so entmax pairs with it on all 3
+    assert measures["attention_entropy"]["n"] == 3 and measures["hopfield"]["n"] == 3
     assert measures["baseline"]["zero_share"] == 0 and measures["entmax15"]["zero_share"] >= 0  # softmax never gives a 0
     assert all(0 <= measures[a]["topk_precision"] <= 1 for a in measures)
 
@@ -61,6 +62,8 @@ def test_the_alternatives_section_records_every_table_and_its_findings(tmp_path,
     assert all(-1 <= attractors[s][f"ami_{f}"] <= 1 and 0 < attractors[s][f"purity_{f}"] <= 1
                for s in attractors for f in ["kind", "entity", "role"])
     assert [r["setting"] for r in rec["sweeps"]] == ["", "hopfield_beta=4"] and rec["sweeps"][0]["value"] == pytest.approx(0.25)
+    control = rec["attractor_control"][0]  # the baseline's states in M + 1 = 9 clusters, over its 3 seeds
+    assert control["n_clusters"] == 9 and control["n"] == 3 and -1 <= control["control_ami"] <= 1
 
     alphas = rec["alphas"]
     assert len(alphas) == 4 and all(1 < a["min"] <= a["max"] < 2 for a in alphas)
@@ -68,6 +71,7 @@ def test_the_alternatives_section_records_every_table_and_its_findings(tmp_path,
     assert {r["constraint"] for r in rec["plane"]} == {"baseline", "attention_entropy", *arms}
 
     findings = rec["findings"]
-    assert [f["group"] for f in findings] == ["alternatives"] * 4
+    assert [f["group"] for f in findings] == ["alternatives"] * 5
     assert all(f["verdict"] in ("supported", "not supported", "inconclusive") for f in findings)
-    assert "paired over 3 seeds" in findings[0]["measure"] and "paired over 2 seeds" in findings[2]["measure"]
+    assert "better than clustering the baseline's states" in findings[2]["claim"] and "paired over 3 seeds" in findings[2]["measure"]
+    assert "paired over 3 seeds" in findings[0]["measure"] and "paired over 3 seeds" in findings[3]["measure"]

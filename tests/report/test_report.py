@@ -125,14 +125,14 @@ def test_recorded_numbers(quick):
     assert {f["group"] for f in findings} == {"accuracy cost", "capacity", "sparse vs correct", "where it hurts"}
     assert sum(f["group"] == "capacity" for f in findings) == len(profile["axes"])  # one claim per capacity axis
 
-    # 11: every alternative and its paired baseline over the section's seeds, four findings rows
+    # 11: every alternative and its paired baseline over the section's seeds, five findings rows
     alt = yaml.safe_load((REPO / "params" / "quick.yaml").read_text())["sections"]["11_alternatives"]
     rec = results(quick, "11_alternatives")
     arms = ["routed_heads", "hopfield", "entmax15", "entmax_alpha"]
     assert {(r["constraint"], r["finished"]) for r in rec["status"]} == {(a, len(alt["alt_seeds"])) for a in ["baseline", *arms]}
     assert {r["constraint"] for r in rec["measures"]} == {"baseline", *profile["sweep_weights"], *arms}
     assert all(0 <= r["test"] <= 1 for r in rec["accuracy"] if r["constraint"] in arms)
-    assert [f["group"] for f in rec["findings"]] == ["alternatives"] * 4
+    assert [f["group"] for f in rec["findings"]] == ["alternatives"] * 5
     index = (quick / "index.html").read_text()
     assert "from 11_alternatives" in index and all(f["claim"].split("'")[0] in index for f in rec["findings"])  # escaped apostrophes
 

@@ -74,6 +74,20 @@ def test_attractors_separate_on_the_mean_chance_adjusted_mi():
     assert V.attractors_separate(models({"baseline": {"ami": [0.0] * 5}}))["verdict"] == "inconclusive"
 
 
+def test_attractors_against_clustering_the_baseline_states_are_paired_by_seed():
+    hop = {"ami": [0.10, 0.12, 0.11, 0.10, 0.12]}
+    control = {"control_ami": [0.30, 0.28, 0.31, 0.29, 0.30], "control_ami_kind": [0.5] * 5}
+    table = models({"hopfield": hop, "baseline": control})
+    r = V.attractors_beat_clustering(table, ami_margin=0.05)
+    d = np.array(hop["ami"]) - np.array(control["control_ami"])
+    assert (r["effect"], r["ci_low"], r["ci_high"]) == pytest.approx(mean_ci(d))
+    assert r["verdict"] == "not supported" and "kind 0.500" in r["detail"]  # the states separate them better
+    better = models({"hopfield": {"ami": [0.5] * 5}, "baseline": control})
+    assert V.attractors_beat_clustering(better)["verdict"] == "supported"
+    alone = V.attractors_beat_clustering(models({"hopfield": hop}))
+    assert alone["verdict"] == "inconclusive" and "not testable" in alone["detail"]
+
+
 def test_entmax_against_the_penalty_needs_sparser_and_more_correct():
     penalty = {"entropy_cls": [0.30, 0.32, 0.31], "support_excess_cls": [0.10, 0.12, 0.11], "topk_precision": [0.5] * 3}
     better = {"entropy_cls": [0.20, 0.21, 0.22, 0.2, 0.2], "support_excess_cls": [0.30, 0.31, 0.29, 0.3, 0.3],
@@ -95,5 +109,5 @@ def test_effects_vs_baseline_and_the_rows_in_order():
     assert eff.iloc[0]["effect"] == pytest.approx(0.01) and eff.iloc[0]["n"] == 5
     out = V.rows(table)
     assert [r["claim"].split(":")[0].split(" is ")[0] for r in out] == [
-        "routed heads (MoH)", "Hopfield memory", "1.5-entmax attention", "learned-α entmax attention"]
+        "routed heads (MoH)", "Hopfield memory", "Hopfield memory", "1.5-entmax attention", "learned-α entmax attention"]
     assert all(r["verdict"] in ("supported", "not supported", "inconclusive") for r in out)
