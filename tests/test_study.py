@@ -182,3 +182,16 @@ def test_the_costliest_arm_comes_with_its_margin_over_the_runner_up(monkeypatch)
     monkeypatch.setattr(s, "run", fake(lambda name, seed: 0.95 if name == "baseline" else noisy[name][seed]))
     top = s.costliest()
     assert top["runner_up"] is not None and not top["decided"] and top["ci_low"] < 0 < top["ci_high"]
+
+
+def test_loophole_table_is_each_variant_minus_the_baseline():
+    from disentangle.study import loophole_table
+
+    def frame(weights_values):
+        return pd.DataFrame([{"weight": w, "status": "finished", "out": o, "attn": a} for w, o, a in weights_values])
+
+    outputs = frame([(0.0, 0.5, 0.2), (0.0, 0.7, 0.4), (1.0, 0.1, 0.6), (1.0, 0.3, 0.8)])  # baseline means 0.6, 0.3
+    contributions = frame([(1.0, 0.5, 0.3), (1.0, 0.5, 0.3)])
+    t = loophole_table({"outputs": outputs, "contributions": contributions}, ["out", "attn"])
+    assert t[["variant", "weight"]].values.tolist() == [["outputs", 1.0], ["contributions", 1.0]]
+    assert t["out"].tolist() == pytest.approx([-0.4, -0.1]) and t["attn"].tolist() == pytest.approx([0.4, 0.0])

@@ -51,6 +51,12 @@ class DataConfig(Config):
     seed: int = 0  # data seed, separate from the run seed: seeds then measure training variance only
     babi_dir: str = ""  # directory of bAbI v1.2 files (e.g. ../shared/data/babi/en); source="babi" only
     babi_max_sentences: int = 20  # keep the last N sentences of long bAbI stories (supporting facts always kept)
+    # How a bAbI story becomes tokens. "project": [CLS] story [SEP] question [SEP], vocabulary from the train
+    # files. "published" (the original study, references/seed-study.md): every sentence followed by a sentence
+    # separator <ssep>, then [SEP] and the question; the last babi_max_sentences sentences (older supporting facts
+    # are cut too); the LAST babi_max_tokens tokens; vocabulary from train + test. Added later: out of the hash.
+    babi_format: str = field(default="project", metadata={"added": True})
+    babi_max_tokens: int = field(default=180, metadata={"added": True})  # babi_format="published" only
 
     def problems(self) -> list[str]:
         p = one_of("source", self.source, ("procedural", "babi"))
@@ -76,8 +82,12 @@ class DataConfig(Config):
                 p.append("babi_dir is empty: give the directory of the bAbI files (e.g. ../shared/data/babi/en)")
             for name in ("n_train", "n_test"):
                 p += at_least(name, getattr(self, name), 0)
-            p += positive("n_val", self.n_val)
+            # n_val=0: no validation split held out (the original study trains on the whole train file); the
+            # learning curve is then read on the test split and early stopping is refused (RunConfig.problems)
+            p += at_least("n_val", self.n_val, 0)
             p += positive("babi_max_sentences", self.babi_max_sentences)
+            p += one_of("babi_format", self.babi_format, ("project", "published"))
+            p += positive("babi_max_tokens", self.babi_max_tokens)
         return p
 
 
@@ -94,6 +104,15 @@ class TrainConfig(Config):
     early_stopping: int = 0  # stop after this many evaluations without a better val accuracy; 0 = off
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
     amp: str = "auto"  # mixed precision: "auto" (bf16 on CUDA, off on CPU), "off", "bf16"
+    # Fields added later (out of the run hash at their defaults, which compute what the code did before them).
+    # Which parameters weight decay acts on: "matrices" (projections and embeddings, not biases and LayerNorm
+    # gains: nanoGPT's rule) or "all" (torch.optim.AdamW over model.parameters(), as the original study).
+    weight_decay_on: str = field(default="matrices", metadata={"added": True})
+    # How batches are drawn: "iid" (uniformly with replacement, a pure function of (seed, step); see
+    # train._batch_indices for why) or "epochs" (a fresh permutation every epoch, ceil(n / batch_size) batches,
+    # the last one smaller: a shuffled DataLoader, as the original study).
+    batch_order: str = field(default="iid", metadata={"added": True})
+    adam_beta2: float = field(default=0.98, metadata={"added": True})  # AdamW's beta2 (torch's default: 0.999)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -107,6 +126,10 @@ class TrainConfig(Config):
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             p.append(f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
         p += one_of("amp", self.amp, ("auto", "off", "bf16"))
+        p += one_of("weight_decay_on", self.weight_decay_on, ("matrices", "all"))
+        p += one_of("batch_order", self.batch_order, ("iid", "epochs"))
+        if not 0.0 < self.adam_beta2 < 1.0:
+            p.append(f"adam_beta2={self.adam_beta2} must be in (0, 1)")
         return p
 
 
@@ -159,7 +182,11 @@ class RunConfig(Config):
 
     def problems(self) -> list[str]:
         bad = [layer for layer in self.constraints.layers if layer >= self.model.n_layers]
-        return [f"constraints.layers: {layer} is not a layer (model.n_layers={self.model.n_layers})" for layer in bad]
+        p = [f"constraints.layers: {layer} is not a layer (model.n_layers={self.model.n_layers})" for layer in bad]
+        if self.data.source == "babi" and self.data.n_val == 0 and self.train.early_stopping > 0:
+            p.append(f"train.early_stopping={self.train.early_stopping} needs a validation split: data.n_val=0 holds "
+                     "none out (its learning curve is read on the test split); set data.n_val > 0 or early_stopping: 0")
+        return p
 
 
 def run_hash(cfg: RunConfig) -> str:

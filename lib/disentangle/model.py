@@ -68,6 +68,12 @@ class ModelConfig(Config):
     pos_encoding: str = "rope"
     readout: str = "cls"  # "cls": classify from the CLS token; "mean": from the mean over real tokens
     bias: bool = True  # biases in attention and FFN projections
+    # Which projections `bias=False` strips: "all" (attention and FFN), or "attention" (only Q/K/V and the output
+    # projection, the FFN keeps its biases: the original study's encoder). No effect when bias=True. Added later.
+    no_bias: str = field(default="all", metadata={"added": True})
+    # Multiply token embeddings by sqrt(d_model) before adding absolute positions (Vaswani et al. 2017; the
+    # original study's encoder). Without it N(0, 0.02) embeddings are drowned by unit-size sinusoids. Added later.
+    scale_embeddings: bool = field(default=False, metadata={"added": True})
     # How the global (not sentence-local) layers turn scores into attention: "softmax"; "entmax15", 1.5-entmax
     # (Peters et al. 2019), sparse by construction with exact zeros; "entmax_alpha", alpha-entmax with a learned
     # alpha = 1 + sigmoid(a) in (1, 2) per head, starting at 1.5 (Correia et al. 2019). Both from the `entmax`
@@ -112,6 +118,7 @@ class ModelConfig(Config):
         if self.pos_encoding == "rope" and self.d_model > 0 and self.n_heads > 0 and self.d_head % 2:
             p.append(f"pos_encoding='rope' needs an even d_head, got d_model/n_heads={self.d_head}")
         p += one_of("readout", self.readout, ("cls", "mean"))
+        p += one_of("no_bias", self.no_bias, ("all", "attention"))
         p += one_of("attention", self.attention, ATTENTIONS)
         if not 1.0 < self.entmax_alpha < 2.0:
             p.append(f"entmax_alpha={self.entmax_alpha} must be in (1, 2): 1 is softmax, 2 sparsemax (alpha = 1 + sigmoid(a))")
@@ -403,8 +410,9 @@ class Block(nn.Module):
         # the state that retrieves is the one whose factors (entity, place, role) the attractors should separate.
         self.memory = HopfieldMemory(cfg) if cfg.hopfield_patterns and not local else None
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ff_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.ff_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        ffn_bias = cfg.bias or cfg.no_bias == "attention"
+        self.ff_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=ffn_bias)
+        self.ff_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=ffn_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, blocked: torch.Tensor, capture: frozenset[str]) -> tuple[torch.Tensor, dict]:
@@ -518,6 +526,8 @@ class Encoder(nn.Module):
             local_blocked = (other_sentence | padding_mask[:, None, :])[:, None]  # (B, 1, T, T)
         T = tokens.shape[1]
         x = self.tok_emb(tokens)  # (B, T, d)
+        if self.cfg.scale_embeddings:
+            x = x * math.sqrt(self.cfg.d_model)
         if self.pos_emb is not None:
             x = x + self.pos_emb[:T]
         x = self.drop(x)

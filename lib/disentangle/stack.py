@@ -284,7 +284,7 @@ class _Stack:
         from .train import _batch_indices
 
         train = self.runs[0].data.splits["train"]
-        idx = torch.stack([_batch_indices(self.step_no, len(train), r.tc.batch_size, r.cfg.seed) for r in self.runs])
+        idx = torch.stack([_batch_indices(self.step_no, len(train), r.tc.batch_size, r.cfg.seed, r.tc.batch_order) for r in self.runs])
         R, B = idx.shape
         b = train.batch(idx.reshape(-1))  # trimmed to the longest sequence of all R batches
         return {k: v.reshape(R, B, *v.shape[1:]).to(self.device) for k, v in b.items()}

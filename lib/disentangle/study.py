@@ -453,6 +453,46 @@ def measures_by_weight(runs: pd.DataFrame, measures: Sequence[str]) -> pd.DataFr
     return table.groupby("weight")[list(measures)].mean().reindex(sorted(runs["weight"].unique()))
 
 
+def contribution_overlap(result) -> float:
+    """Contribution orthogonality (cos² of z_h W_O[h], :func:`constraints.orthogonality_contributions`) of a
+    finished run's final model on its test split, over the global layers (size-weighted mean over batches);
+    computed after training and kept with the run (``derived``), so cached runs get it too."""
+    import torch
+
+    from .constraints import orthogonality_contributions
+    from .data import iter_batches
+
+    def compute(r) -> float:
+        model, split = r.load_model(), r.data().splits["test"]
+        layers = range(model.cfg.local_layers, model.cfg.n_layers)
+        total = 0.0
+        with torch.no_grad():
+            for b in iter_batches(split, 250, "cpu"):
+                out = model(b["tokens"], b["padding_mask"], capture="head_contrib", segments=b["segments"])
+                loss = orthogonality_contributions([out.head_contrib[i] for i in layers], b["padding_mask"]).loss
+                total += float(loss) * len(b["tokens"])
+        return total / len(split)
+
+    return result.derived("contribution_overlap", compute)
+
+
+def loophole_table(runs_by_variant: dict[str, pd.DataFrame], measures: Sequence[str]) -> pd.DataFrame:
+    """Per orthogonality variant and non-zero weight: each measure's mean over finished runs minus the
+    baseline's (weight 0, taken from the first frame that has it). The re-basing loophole of output
+    orthogonality shows as output overlap falling while attention-map overlap rises (section 02)."""
+    frames = list(runs_by_variant.values())
+    base_runs = next((f[f["weight"] == 0] for f in frames if (f["weight"] == 0).any()), None)
+    if base_runs is None:
+        raise ValueError("no baseline (weight 0) runs among the frames: the changes need one")
+    base = measures_by_weight(base_runs, measures).iloc[0]
+    rows = []
+    for variant, frame in runs_by_variant.items():
+        by_weight = measures_by_weight(frame[frame["weight"] > 0], measures)
+        for w, r in by_weight.iterrows():
+            rows.append({"variant": variant, "weight": float(w), **{m: float(r[m] - base[m]) for m in measures}})
+    return pd.DataFrame(rows, columns=["variant", "weight", *measures])
+
+
 def arm_results(study: Study, retain: float = 0.5) -> list[tuple[str, float, int, object]]:
     """(arm, weight, seed, RunResult) for the baseline and every constraint at its chosen weight, all seeds.
 

@@ -133,6 +133,15 @@ def test_recorded_numbers(quick):
     assert {r["constraint"] for r in rec["measures"]} == {"baseline", *profile["sweep_weights"], *arms}
     assert all(0 <= r["test"] <= 1 for r in rec["accuracy"] if r["constraint"] in arms)
     assert [f["group"] for f in rec["findings"]] == ["alternatives"] * 5
+    # 10: the replication's runs as published and converged, its own findings group on the index
+    rep = yaml.safe_load((REPO / "params" / "quick.yaml").read_text())["sections"]["10_replication"]
+    replication = results(quick, "10_replication")
+    if not replication["skipped"]:
+        acc = {(r["protocol"], r["name"]): r for r in replication["accuracy"]}
+        assert all(acc[("published", n)]["n"] == len(rep["rep_seeds"]) for n in ["vanilla", "ortho_mi", "ortho_mi_attn_head"])
+        assert all(acc[("converged", n)]["n"] == len(rep["rep_converged_seeds"]) for n in rep["rep_converged"])
+        assert {f["group"] for f in replication["findings"]} == {"replication"}
+        assert "from 10_replication" in (quick / "index.html").read_text()
     index = (quick / "index.html").read_text()
     assert "from 11_alternatives" in index and all(f["claim"].split("'")[0] in index for f in rec["findings"])  # escaped apostrophes
 

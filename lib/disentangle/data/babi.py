@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..paths import REPO
-from .core import Story, TaskData, Vocab, describe, encode, stack, tokenize
+from .core import SSEP, Story, TaskData, Vocab, describe, encode, encode_published, stack, tokenize
 
 SET_ANSWER_TASKS = ("qa8",)  # list answers whose order carries no meaning: sorted into one canonical class
 
@@ -145,6 +145,17 @@ def truncate(story: Story, max_sentences: int) -> Story:
     )
 
 
+def truncate_published(story: Story, max_sentences: int) -> Story:
+    """The original study's cut: the last ``max_sentences`` sentences, supporting or not (a supporting fact
+    cut off is dropped from ``supporting``)."""
+    n = len(story.sentences)
+    if n <= max_sentences:
+        return story
+    first = n - max_sentences
+    return replace(story, sentences=story.sentences[first:], n_truncated=story.n_truncated + first,
+                   supporting=tuple(i - first for i in story.supporting if i >= first))
+
+
 def read_file(path: str | Path, max_sentences: int | None = None) -> list[Story]:
     """One :class:`Story` per question of a bAbI file, in file order; the task is taken from the file name.
 
@@ -191,6 +202,11 @@ def load(cfg: DataConfig) -> TaskData:
     files (test words never seen there become ``<unk>``: ``info["unk_tokens"]``); the answer classes are
     the train files' answers, and a test answer outside them is an error. Stories longer than
     ``babi_max_sentences`` are cut (see :func:`truncate`; totals in ``info["truncated_sentences"]``).
+
+    ``n_val=0`` holds no validation questions out: "train" is the whole train file and "val" is the test
+    split (for the learning curve only; ``info["val_is_test"]``). ``babi_format="published"`` lays inputs out
+    as the original study (:func:`~disentangle.data.core.encode_published`, :func:`truncate_published`),
+    with the vocabulary of the train *and* test files (so no test word is ``<unk>``).
     """
     if cfg.source != "babi":
         raise ValueError(f"source={cfg.source!r}: data.babi.load reads bAbI files (use data.procedural.generate for procedural data)")
@@ -206,8 +222,8 @@ def load(cfg: DataConfig) -> TaskData:
         test_q = _read(test_path)[0]
         if not test_q:
             raise ValueError(f"{test_path} has no questions")
-        val = train_q[-cfg.n_val :]
-        before = [q for q in train_q[: -cfg.n_val] if q.story_no != val[0].story_no]
+        val = train_q[-cfg.n_val :] if cfg.n_val else []
+        before = [q for q in train_q[: -cfg.n_val] if q.story_no != val[0].story_no] if cfg.n_val else list(train_q)
         if not before:
             raise ValueError(f"n_val={cfg.n_val} leaves no training questions in {train_path} ({len(train_q)} "
                              "questions; those of the story that continues into val are dropped too)")  # fmt: skip
@@ -215,7 +231,7 @@ def load(cfg: DataConfig) -> TaskData:
         chosen["train"][task] = before[: cfg.n_train] if cfg.n_train else before
         chosen["val"][task] = val
         chosen["test"][task] = test_q[: cfg.n_test] if cfg.n_test else test_q
-        words |= train_words
+        words |= train_words | (_read(test_path)[1] if cfg.babi_format == "published" else set())
         answers |= {q.story.answer for q in train_q}
     for task in cfg.tasks:
         for q in chosen["test"][task]:
@@ -223,16 +239,23 @@ def load(cfg: DataConfig) -> TaskData:
                 raise ValueError(f"{root / files[task]['test']}:{q.line}: answer {q.story.answer!r} never occurs in "
                                  f"the training files of {list(cfg.tasks)}, so no answer class can predict it")  # fmt: skip
 
-    vocab, answer_vocab = Vocab(words), Vocab(answers, specials=())
+    published = cfg.babi_format == "published"
+    vocab, answer_vocab = Vocab(words | {SSEP} if published else words), Vocab(answers, specials=())
+    cut = truncate_published if published else truncate
     splits, info = {}, {"truncated_sentences": {}, "truncated_stories": {}, "unk_tokens": {}}
     for split, by_task in chosen.items():
-        stories = {t: [truncate(q.story, cfg.babi_max_sentences) for q in by_task[t]] for t in cfg.tasks}
+        if not by_task[cfg.tasks[0]]:  # n_val=0: no validation split
+            continue
+        stories = {t: [cut(q.story, cfg.babi_max_sentences) for q in by_task[t]] for t in cfg.tasks}
         info["truncated_sentences"][split] = {t: sum(s.n_truncated for s in stories[t]) for t in cfg.tasks}
         info["truncated_stories"][split] = {t: sum(s.n_truncated > 0 for s in stories[t]) for t in cfg.tasks}
         info["unk_tokens"][split] = {t: sum(_unknown_words(s, vocab) for s in stories[t]) for t in cfg.tasks}
-        examples = [encode(s, vocab, answer_vocab) for t in cfg.tasks for s in stories[t]]
+        examples = [encode_published(s, vocab, answer_vocab, cfg.babi_max_tokens) if published else encode(s, vocab, answer_vocab)
+                    for t in cfg.tasks for s in stories[t]]
         splits[split] = stack(examples, cfg.tasks)
+    if "val" not in splits:
+        splits["val"] = splits["test"]
     info = {"source": "babi", "babi_dir": str(root.resolve()), "files": files, "vocab_size": len(vocab),
-            "n_answers": len(answer_vocab), "dropped_at_val_boundary": dropped, **info,
+            "n_answers": len(answer_vocab), "dropped_at_val_boundary": dropped, "val_is_test": cfg.n_val == 0, "babi_format": cfg.babi_format, **info,
             **describe(splits, cfg.tasks)}  # fmt: skip
     return TaskData(vocab=vocab, answers=answer_vocab, tasks=tuple(cfg.tasks), splits=splits, info=info)

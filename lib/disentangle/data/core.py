@@ -109,6 +109,39 @@ class Example:
     story: Story = field(compare=False, repr=False)
 
 
+SSEP = "<ssep>"  # the sentence separator of the original study's input format (encode_published); a word, not a special
+
+
+def encode_published(story: Story, vocab: Vocab, answers: Vocab, max_tokens: int) -> Example:
+    """The original study's layout: ``s_0 <ssep> s_1 <ssep> ... s_n <ssep> [SEP] question``, no CLS (its
+    readout is the mean over tokens), cut to the *last* ``max_tokens`` tokens (the masks with it: a story cut
+    inside a sentence keeps that sentence's tail). Separators are outside every sentence (sentence id -1)."""
+    tokens, sent_ids = [], []
+    for i, sentence in enumerate(story.sentences):
+        tokens += [*vocab.encode(sentence), vocab.id(SSEP)]
+        sent_ids += [i] * len(sentence) + [-1]
+    tokens.append(vocab.id(SEP))
+    sent_ids.append(-1)
+    qmask = [False] * len(tokens) + [True] * len(story.question)
+    tokens += vocab.encode(story.question)
+    sent_ids += [-1] * len(story.question)
+    tokens, sent_ids, qmask = tokens[-max_tokens:], sent_ids[-max_tokens:], qmask[-max_tokens:]
+    kept = set(sent_ids)
+    supporting = tuple(s for s in story.supporting if s in kept)  # a supporting fact cut off is gone (as published)
+    if story.answer not in answers:
+        raise KeyError(f"answer {story.answer!r} of a {story.task} story is not in the answer vocabulary")
+    return Example(
+        tokens=tuple(tokens),
+        answer=answers.stoi[story.answer],
+        task=story.task,
+        supporting=supporting,
+        support_mask=tuple(s in set(supporting) for s in sent_ids),
+        sentence_ids=tuple(sent_ids),
+        question_mask=tuple(qmask),
+        story=story,
+    )
+
+
 def encode(story: Story, vocab: Vocab, answers: Vocab) -> Example:
     """Lay out ``[CLS] s_0 ... s_n [SEP] question [SEP]`` and build the aligned masks."""
     tokens, sent_ids, qmask = [vocab.id(CLS)], [-1], [False]

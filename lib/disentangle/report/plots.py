@@ -527,3 +527,52 @@ def setting_curves(table: pd.DataFrame, arm: str, field: str, measure: str, ylab
     fig.suptitle(f"{label(arm)}: sweep of {field}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------ 10_replication
+
+
+def replication_accuracy(table: pd.DataFrame) -> Figure:
+    """Per configuration and protocol: our mean test accuracy (95% interval of the mean as a thick bar, the
+    prediction interval of one seed as a thin one) and the published single-seed number (a red cross)."""
+    protocols = list(dict.fromkeys(table["protocol"]))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols), 0.45 * table["name"].nunique() + 1.4),
+                             sharey=True, squeeze=False)
+    names = list(dict.fromkeys(table["name"]))
+    for ax, protocol in zip(axes[0], protocols):
+        g = table[table["protocol"] == protocol].set_index("name").reindex(names)
+        y = np.arange(len(names))
+        ax.hlines(y, g["pi_low"], g["pi_high"], color="#999999", lw=1.2, label="one seed (95% prediction)")
+        ax.hlines(y, g["ci_low"], g["ci_high"], color="#1f77b4", lw=4, label="our mean (95% interval)")
+        ax.plot(g["mean"], y, "o", color="#1f77b4", ms=4)
+        ax.plot(g["published"], y, "x", color="#d62728", ms=8, mew=2, label="published (one seed)")
+        ax.set_yticks(y, names)
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy (qa1)")
+        ax.set_title("as published" if protocol == "published" else "trained to convergence")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def replication_heatmap(panel: dict) -> Figure:
+    """The published protocol (one example, head 0 of the last layer) beside every head's support mass on that
+    example: what one map shows and how much the other heads differ."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [3, 1.3]})
+    T = len(panel["tokens"])
+    sns.heatmap(panel["attn"], ax=ax, cmap="viridis", cbar=True, square=False, xticklabels=panel["tokens"],
+                yticklabels=panel["tokens"])
+    for k in np.flatnonzero(panel["support"]):
+        ax.get_xticklabels()[k].set_color("#d62728")
+    ax.tick_params(labelsize=6)
+    ax.set_title(f"head 0, last layer (published protocol); support in red; {T} tokens")
+    masses = panel["heads_mass"]
+    bx.barh(np.arange(len(masses)), masses, color=["#d62728" if h == 0 else "#1f77b4" for h in range(len(masses))])
+    bx.axvline(panel["share"], color="#333333", ls="--", lw=1, label="uniform attention")
+    bx.set_yticks(np.arange(len(masses)), [f"head {h}" for h in range(len(masses))])
+    bx.invert_yaxis()
+    bx.set_xlabel("mass on support, mean over queries")
+    bx.set_title("same example, every head")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

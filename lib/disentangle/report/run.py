@@ -283,7 +283,7 @@ _VERDICT_COLOURS = {"supported": "#d4edda", "not supported": "#f8d7da", "inconcl
 
 
 # Sections whose recorded "findings" rows make up the index's summary table, in this order.
-FINDINGS_SECTIONS = ("08_findings", "09_babi", "11_alternatives")
+FINDINGS_SECTIONS = ("08_findings", "09_babi", "10_replication", "11_alternatives")
 
 
 def _fmt_effect(r: dict) -> str:
