@@ -1119,6 +1119,14 @@ def selectivity(stats: pd.DataFrame, by: str = "task") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _entity_factors(split: Split, vocab: Vocab) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(N, T) each token's kind and word, the entity-token mask, and each token's role (question or story)."""
+    kinds = token_kinds(split, vocab)
+    words = np.array(vocab.to_list(), dtype=object)[split.tokens.numpy()]
+    entity = np.isin(kinds, [k for k, _ in _entity_lexicons()])
+    return kinds, words, entity, np.where(split.question_mask.numpy(), "question", "story")
+
+
 def attractor_factors(
     model: Encoder,
     split: Split,
@@ -1138,10 +1146,7 @@ def attractor_factors(
     layer_ids = [layer for layer in _layers(model, layers) if model.blocks[layer].memory is not None]
     if not layer_ids:
         raise ValueError("the model has no Hopfield memory in these layers (ModelConfig.hopfield_patterns = 0)")
-    kinds = token_kinds(split, vocab)
-    words = np.array(vocab.to_list(), dtype=object)[split.tokens.numpy()]
-    entity = np.isin(kinds, [k for k, _ in _entity_lexicons()])
-    role = np.where(split.question_mask.numpy(), "question", "story")
+    kinds, words, entity, role = _entity_factors(split, vocab)
     device = _device(model)
     found = {layer: [] for layer in layer_ids}
     with _eval_mode(model):
@@ -1181,10 +1186,7 @@ def state_clusters(
     if n_clusters < 1:
         raise ValueError(f"n_clusters={n_clusters} must be >= 1")
     layer_ids = _layers(model, layers)
-    kinds = token_kinds(split, vocab)
-    words = np.array(vocab.to_list(), dtype=object)[split.tokens.numpy()]
-    entity = np.isin(kinds, [k for k, _ in _entity_lexicons()])
-    role = np.where(split.question_mask.numpy(), "question", "story")
+    kinds, words, entity, role = _entity_factors(split, vocab)
     device = _device(model)
     found = {layer: [] for layer in layer_ids}
     with _eval_mode(model):
