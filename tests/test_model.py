@@ -245,8 +245,11 @@ def test_padding_changes_nothing_for_real_tokens(readout, capture, mode):
     n = chain(model.cfg, 10 + extra)
     assert_close(a.logits, b.logits, n)
     real = ~padding  # (B, T): compare only real query positions
-    for name in a.captured - {"attractors"}:  # per-head captures; attractors are per token, (B, T)
+    for name in a.captured - {"attractors"}:  # attractors are integer ids, (B, T): this model has no memory
         for x, y in zip(getattr(a, name), getattr(b, name)):
+            if name == "resid_mid":  # per token, (B, T, d_model)
+                assert_close(x[real], y[:, :10][real], n)
+                continue
             if name == "attn":
                 y, tail = y[..., :10], y[..., 10:]
                 assert torch.all(tail == 0)
@@ -392,7 +395,7 @@ def test_ablate_heads_rejects_nonexistent_heads(heads, message):
 def test_capture_names_are_validated():
     model = model_for(make_cfg())
     tokens, padding = batch()
-    with pytest.raises(ValueError, match=r"capture=\['atn'\] is not capturable \(allowed: \['attn', 'head_out', 'head_contrib', 'gates', 'attractors'\]"):
+    with pytest.raises(ValueError, match=r"capture=\['atn'\] is not capturable \(allowed: \['attn', 'head_out', 'head_contrib', 'gates', 'attractors', 'resid_mid'\]"):
         model(tokens, padding, capture="atn")
     with pytest.raises(ValueError, match=r"\['bogus'\]"):
         model(tokens, padding, capture=["attn", "bogus"])
@@ -546,6 +549,22 @@ def test_entmax_attention_rows_sum_to_one_with_exact_zeros_in_the_global_layers_
     expected = entmax15(scores, dim=-1) if attention == "entmax15" else entmax_bisect(scores, attn.alpha[h], dim=-1)
     n = cfg.d_model + cfg.d_head + 2 * tokens.shape[1]
     assert_close(glob[:, h], expected.masked_fill(padding[:, None, :], 0.0), n)
+
+
+@pytest.mark.parametrize("attention", ["entmax15", "entmax_alpha"])
+def test_entmax_of_a_diverged_model_is_nan_not_a_crash(attention):
+    """A diverged run's weights are NaN: entmax15's threshold search then indexes out of bounds. The model
+    must return NaN (the training loop records the run as diverged) and leave healthy rows alone."""
+    cfg = make_cfg(n_layers=2, local_layers=1, attention=attention, pos_encoding="learned")
+    model = model_for(cfg)
+    tokens, padding, segments = segmented_batch()
+    healthy = model(tokens, padding, capture="attn", segments=segments).attn[1]
+    with torch.no_grad():
+        model.blocks[1].attn.W_Q[0, 0, 0] = math.nan  # head 0 only: its scores turn NaN, the other heads' do not
+    out = model(tokens, padding, capture="attn", segments=segments)
+    glob = out.attn[1]  # (B, H, T, T)
+    assert torch.isnan(glob[:, 0]).all() and torch.isnan(out.logits).all()
+    assert torch.equal(glob[:, 1:], healthy[:, 1:])
 
 
 def test_learned_alpha_gets_a_gradient_and_bad_attention_is_named():
