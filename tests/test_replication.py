@@ -107,6 +107,10 @@ def test_the_published_configurations():
     assert project.active() == {"mutual_information": 0.05} and project.mi_variant == "infonce"
     conv = rep.config("vanilla", "x", protocol="converged", val=100, max_epochs=50, patience=7).train
     assert (conv.steps, conv.eval_every, conv.early_stopping) == (50 * 15, 15, 7)  # 900 questions: 15 batches an epoch
+    assert conv.min_steps == 8 * 15 and t.min_steps == 0  # never stopped before the published 8 epochs
+    assert rep.config("ortho_mi_attn_head_lrg_3", "x", protocol="converged").train.min_steps == 16 * 15
+    short = rep.config("vanilla", "x", protocol="converged", epochs=1, max_epochs=2).train  # the quick profile
+    assert (short.min_steps, short.steps) == (15, 30)
     assert rep.config("vanilla", "x", protocol="converged").data.n_val == 100
 
 

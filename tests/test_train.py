@@ -96,6 +96,19 @@ def test_run_records_every_loss_term_and_final_metrics(tmp_path):
     assert not (res.path / "checkpoint.pt").exists()
 
 
+def test_early_stopping_waits_for_min_steps(tmp_path):
+    # lr 1e-12: updates below float32's resolution of the weights, so validation accuracy never improves after
+    # the first evaluation and patience 1 stops at the second
+    frozen = {"train.lr": 1e-12, "train.warmup_steps": 0, "train.early_stopping": 1}
+    early = run(tiny(**frozen), tmp_path)
+    assert early.history["step"].tolist() == [10, 20] and early.info["stopped_early_at_step"] == 20
+    floored = run(tiny(**frozen, **{"train.min_steps": 30}), tmp_path)
+    assert floored.history["step"].tolist() == [10, 20, 30] and floored.info["stopped_early_at_step"] == 30
+    assert run_hash(tiny()) == run_hash(tiny(**{"train.min_steps": 0}))  # the field is out of the hash at its default
+    with pytest.raises(ConfigError, match="min_steps=50 must be at most steps=40"):
+        tiny(**{"train.min_steps": 50})
+
+
 def test_finished_runs_load_from_cache(tmp_path):
     first = run(tiny(), tmp_path)
     t0 = time.perf_counter()

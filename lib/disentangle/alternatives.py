@@ -100,12 +100,16 @@ def config(study: Study, point: Point, seed: int) -> RunConfig:
     return study.base.replace(seed=seed, **{**changes, **dict(point.changes)})  # one replace: validated once, as a whole
 
 
-def train(study: Study, pts: Sequence[Point], seeds: Sequence[int], desc: str = "alternatives"):
+def train(study: Study, pts: Sequence[Point], seeds: Sequence[int], desc: str = "alternatives",
+          alongside: Sequence[RunConfig] = ()):
     """Every point x seed in one grid (cached runs load at once). Returns the run frame (``constraint``,
     ``weight``, ``setting`` columns) and ``[(arm, weight, seed, RunResult)]`` with a parallel list of settings
-    under ``results.settings``."""
+    under ``results.settings``. ``alongside``: more configs trained in the same grid and not returned (the
+    penalty runs of :func:`penalty_configs`): one pool packs all the work, where a second grid of two runs
+    after it left a core idle behind the first's tail (~30 s of section 11, measured)."""
     todo = [(p, s, config(study, p, s)) for p in pts for s in seeds]
-    runs, _ = study.run([c for *_, c in todo], desc=desc)
+    runs, _ = study.run([c for *_, c in todo] + list(alongside), desc=desc)
+    runs = runs.iloc[:len(todo)].copy()
     runs["constraint"] = [p.arm for p, _, _ in todo]
     runs["weight"] = [0.0 if p.arm == BASELINE else math.nan for p, _, _ in todo]
     runs.insert(3, "setting", [p.setting for p, _, _ in todo])
@@ -114,11 +118,16 @@ def train(study: Study, pts: Sequence[Point], seeds: Sequence[int], desc: str = 
     return runs, results
 
 
+def penalty_configs(study: Study, constraint: str, weight: float, seeds: Sequence[int]) -> list[RunConfig]:
+    """``constraint`` at ``weight`` on ``seeds`` with the alternatives' study config."""
+    return [study.config(constraint, weight, s) for s in seeds]
+
+
 def penalty_runs(study: Study, constraint: str, weight: float, seeds: Sequence[int]) -> Results:
-    """``constraint`` at ``weight`` on ``seeds`` with the alternatives' study config (trained or loaded in one
-    grid): the penalty an arm is judged against on the alternatives' own seeds, beyond those the constraint
-    sections trained, so the comparison pairs as many seeds as the arms have."""
-    cfgs = [study.config(constraint, weight, s) for s in seeds]
+    """:func:`penalty_configs` trained or loaded in one grid: the penalty an arm is judged against on the
+    alternatives' own seeds, beyond those the constraint sections trained, so the comparison pairs as many
+    seeds as the arms have."""
+    cfgs = penalty_configs(study, constraint, weight, seeds)
     if cfgs:
         study.run(cfgs, desc=constraint)
     out = Results((constraint, weight, s, cached_run(c, study.cache_dir)) for s, c in zip(seeds, cfgs))

@@ -113,13 +113,16 @@ class TrainConfig(Config):
     # the last one smaller: a shuffled DataLoader, as the original study).
     batch_order: str = field(default="iid", metadata={"added": True})
     adam_beta2: float = field(default=0.98, metadata={"added": True})  # AdamW's beta2 (torch's default: 0.999)
+    # Early stopping may not stop a run before this step. A model that sits at chance for its first epochs
+    # (the replication's bAbI runs: ~100 steps) otherwise "converges" on its plateau; 0 = no floor.
+    min_steps: int = field(default=0, metadata={"added": True})
 
     def problems(self) -> list[str]:
         p: list[str] = []
         for name in ("steps", "batch_size", "eval_every"):
             p += positive(name, getattr(self, name))
         p += positive("lr", self.lr)
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "early_stopping"):
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "early_stopping", "min_steps"):
             p += at_least(name, getattr(self, name), 0)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             p.append(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
@@ -130,6 +133,8 @@ class TrainConfig(Config):
         p += one_of("batch_order", self.batch_order, ("iid", "epochs"))
         if not 0.0 < self.adam_beta2 < 1.0:
             p.append(f"adam_beta2={self.adam_beta2} must be in (0, 1)")
+        if self.min_steps > self.steps:
+            p.append(f"min_steps={self.min_steps} must be at most steps={self.steps}")
         return p
 
 

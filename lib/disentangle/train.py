@@ -544,7 +544,7 @@ class _Training:
         self.running, self.n_running = {}, 0
         improved = val["acc"] > self.best_val
         self.best_val, self.since_best = (val["acc"], 0) if improved else (self.best_val, self.since_best + 1)
-        stop_early = tc.early_stopping > 0 and self.since_best >= tc.early_stopping
+        stop_early = tc.early_stopping > 0 and self.since_best >= tc.early_stopping and step >= tc.min_steps
         if stop_early:
             self.info["stopped_early_at_step"] = step
         if step < tc.steps and not stop_early:
