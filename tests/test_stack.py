@@ -145,6 +145,25 @@ def test_a_run_in_a_stack_of_8_matches_it_alone_per_step_for_200_steps(tmp_path)
     assert rel <= 1e-4, rel
 
 
+def test_routed_heads_stack_without_a_vmap_fallback_and_match_their_solo_runs(tmp_path):
+    # The router's top-k mask once used an in-place scalar scatter, which vmap runs as a per-run loop with a
+    # UserWarning that reached the rendered report. Stacked, the step must need no fallback and stay the run.
+    import warnings
+
+    cfgs = [tiny(seed=s, **{"model.routed_top_k": 1, "model.shared_heads": 0}) for s in range(3)]
+    assert stack_key(cfgs[0]) is not None
+    solo = []
+    for r in _prepared(cfgs, tmp_path / "solo"):
+        r.model.train()
+        assert r.step()
+        solo.append(r.last["loss"].item())
+    st = _Stack(_prepared(cfgs, tmp_path / "stack"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule.*")
+        st.step()
+    assert torch.allclose(st.last["loss"], torch.tensor(solo), rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["infonce", "club"])
 def test_stacked_mi_estimators_train_per_run_like_the_solo_alternation(tmp_path, variant):
     # The estimator's own step joins the model's backward in a stack; alone it is a second backward after the

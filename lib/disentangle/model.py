@@ -323,7 +323,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         k, hs = self.routed_k, self.n_shared
         probs = (x @ self.W_route).float().softmax(-1)  # (B, T, E)
-        chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(k, dim=-1).indices, 1.0)  # (B, T, E) 0/1
+        top = probs.topk(k, dim=-1).indices  # (B, T, k)
+        # out of place, from a tensor of ones: in-place scatter of a scalar has no vmap batching rule (a
+        # per-run loop and a UserWarning in the report for every routed stack); the 0/1 values are the same
+        chosen = torch.zeros_like(probs).scatter(-1, top, torch.ones_like(top, dtype=probs.dtype))  # (B, T, E) 0/1
         kept = probs * chosen
         routed = kept / kept.sum(-1, keepdim=True) * k
         if hs:
